@@ -1,0 +1,206 @@
+"""Checkpoints (safetensors: weights + masks + JSON metadata) and the run folder that holds them.
+
+File layout: tensor keys `model.<fqn>` for every state_dict entry and `mask.<fqn>` (bool, one
+entry per group) for each pruned weight; every metadata value is JSON text. Writes are atomic
+(temporary file in the same folder, fsync, rename) and a run folder is locked by one command.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from sparsify.errors import CheckpointError, RunLockedError
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: model state, group masks and decoded metadata."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a crash leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    out, seen = {}, set()
+    for key, tensor in state.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
+        if ptr in seen:  # safetensors refuses shared storage: store tied tensors as copies
+            tensor = tensor.clone()
+        seen.add(ptr)
+        out[prefix + key] = tensor
+    return out
+
+
+def encode_checkpoint(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], meta: dict) -> bytes:
+    tensors = _cpu_tensors(state, "model.")
+    tensors.update(_cpu_tensors(masks, "mask."))
+    metadata = {key: json.dumps(value) for key, value in meta.items()}
+    metadata["format"] = json.dumps(FORMAT_VERSION)
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict) -> str:
+    """Atomically write a checkpoint; returns the file's sha256."""
+    data = encode_checkpoint(state, masks, meta)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is truncated (only {len(data)} bytes); restore it or delete it")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise CheckpointError(f"{path} is truncated (its header says {size} bytes); restore it or delete it")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError:
+        raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+    return header.get("__metadata__") or {}
+
+
+def decode_checkpoint(data: bytes, path: Path) -> Checkpoint:
+    """Parse and validate checkpoint bytes; raise CheckpointError on anything inconsistent."""
+    raw_meta = _read_metadata(data, path)
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} is damaged or truncated ({exc}); restore it or delete it") from None
+    try:
+        meta = {key: json.loads(value) for key, value in raw_meta.items()}
+    except ValueError:
+        raise CheckpointError(f"{path} has metadata that is not JSON; it was not written by sparsify") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta.get('format')!r}; this sparsify reads format {FORMAT_VERSION}"
+        )
+    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
+    return Checkpoint(Path(path), state, masks, meta, hashlib.sha256(data).hexdigest())
+
+
+def load_checkpoint(path: Path, *, expected_sha256: str | None = None) -> Checkpoint:
+    """Read a checkpoint file; with `expected_sha256`, refuse a file that was altered."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise CheckpointError(
+                f"{path} was altered after it was written (sha256 {actual[:12]}..., history says "
+                f"{expected_sha256[:12]}...); restore it or delete it and the stages after it"
+            )
+    return decode_checkpoint(data, path)
+
+
+class RunDir:
+    """The run folder: checkpoints/, history.jsonl, config.yaml and the lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.history_path = self.root / "history.jsonl"
+        self.lock_path = self.root / ".lock"
+
+    def checkpoints(self) -> list[Path]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if _NAME.match(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def next_checkpoint_path(self, round_: int, stage: str) -> Path:
+        found = self.checkpoints()
+        index = int(_NAME.match(found[-1].name).group(1)) + 1 if found else 0
+        return self.checkpoints_dir / f"{index:03d}-r{round_:02d}-{stage}.safetensors"
+
+    def history(self) -> list[dict]:
+        if not self.history_path.is_file():
+            return []
+        entries = []
+        for number, line in enumerate(self.history_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                raise CheckpointError(f"{self.history_path} line {number} is not JSON; fix or remove that line") from None
+        return entries
+
+    def recorded_sha256(self, path: Path) -> str | None:
+        for entry in reversed(self.history()):
+            if entry.get("checkpoint") == path.name:
+                return entry.get("sha256")
+        return None
+
+    def append_history(self, entry: dict) -> None:
+        """Append one JSON line and fsync it (a line is either whole or absent after a crash)."""
+        line = json.dumps(entry, sort_keys=False) + "\n"
+        with open(self.history_path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    @contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the run's lock for the duration of one command (released even on a crash)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise RunLockedError(
+                    f"run folder {self.root} is in use by {holder}; wait for it to finish or stop it"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)

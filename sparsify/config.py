@@ -1,0 +1,225 @@
+"""The run config: strict pydantic models of the YAML file plus `--set key=value` overrides.
+
+This module must not import torch: `sparsify --help` and config errors stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sparsify.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelConfig(_Section):
+    arch: str = "tiny_resnet"  # torchvision name, built-in name, or "pkg.module:factory"
+    weights: Optional[str] = None  # weights enum name (DEFAULT, IMAGENET1K_V2), a local file, or null
+    num_classes: Optional[int] = Field(default=None, ge=1)  # null: the dataset's class count
+    input_size: Optional[int] = Field(default=None, ge=1)  # null: the dataset's native size
+    in_channels: Optional[int] = Field(default=None, ge=1)  # null: the dataset's channel count
+
+
+class DataConfig(_Section):
+    dataset: Literal["imagefolder", "digits", "fashion-mnist", "fake"] = "digits"
+    root: Optional[str] = None  # imagefolder: root/train + root/val; fashion-mnist: the IDX folder
+    batch_size: int = Field(default=64, ge=1)
+    workers: int = Field(default=0, ge=0)
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # digits: share held out for validation
+    fake_samples: int = Field(default=64, ge=1)  # fake: images per split
+    limit_train_batches: Optional[int] = Field(default=None, ge=1)  # cap batches per epoch (smoke runs)
+    limit_val_batches: Optional[int] = Field(default=None, ge=1)
+
+
+class BlockPatternConfig(_Section):
+    type: Literal["block"] = "block"
+    block: list[int] = Field(default_factory=lambda: [8, 8])  # [bo, bi]: output x input channels
+
+    @field_validator("block")
+    @classmethod
+    def _two_positive(cls, value: list[int]) -> list[int]:
+        if len(value) != 2 or min(value) < 1:
+            raise ValueError("block must be two positive integers [bo, bi], e.g. [8, 8]")
+        return value
+
+
+class UnstructuredPatternConfig(_Section):
+    type: Literal["unstructured"]
+
+
+PatternConfig = Annotated[
+    Union[BlockPatternConfig, UnstructuredPatternConfig], Field(discriminator="type")
+]
+
+
+class SparsityConfig(_Section):
+    pattern: PatternConfig = Field(default_factory=BlockPatternConfig)
+    criterion: str = "variance"  # variance | l1 | l2
+    target: float = Field(default=0.5, ge=0.0, lt=1.0)  # share of each layer's groups that end up zero
+    step: float = Field(default=0.2, gt=0.0, le=1.0)  # share zeroed per round (see step_basis)
+    step_basis: Literal["remaining", "target"] = "remaining"
+    scope: Literal["layer"] = "layer"
+    keep_rows: bool = True  # no output block loses all its input blocks
+    keep_cols: bool = True  # no input block is dropped by every output block
+    balanced: bool = False  # every output block keeps the same share of its input blocks
+    include_linear: bool = False  # Linear layers are eligible too
+    exclude: list[str] = Field(default_factory=list)  # globs over parameter names, e.g. ["fc.*"]
+
+
+class ScheduleConfig(_Section):
+    dense_epochs: int = Field(default=1, ge=0)
+    epochs_per_round: int = Field(default=1, ge=0)
+    final_epochs: int = Field(default=0, ge=0)
+    max_rounds: int = Field(default=100, ge=1)  # safety cap for `sparsify run`
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=1, ge=1)  # per `sparsify train` unless --epochs is given
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.001, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0001, ge=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # within one train stage
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    runs_dir: str = "runs"  # the run folder is <runs_dir>/<name>
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("name must be letters, digits, '.', '_' or '-' (it names a folder)")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, *, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Set `a.b.c=value` in the nested dict `data`; the value is read as a YAML scalar."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r} must look like key.sub=value, e.g. train.lr=0.01")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            path = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {key}: {path!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = parse_yaml(raw, source=f"--set {key}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read the YAML file (or start from defaults), apply overrides, validate strictly."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass -c PATH to a YAML file")
+        data = parse_yaml(path.read_text(), source=str(path)) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line: the first bad key, its value, and what is allowed."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = _key_path(first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        section = _section_at(first["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else "see the README"
+        return f"unknown config key {loc!r}; allowed here: {allowed}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"config key {loc!r}: {message} (got {first.get('input')!r}){more}"
+
+
+def _key_path(loc: tuple) -> str:
+    """Drop the union tag pydantic inserts after `pattern` (sparsity.pattern.block.block)."""
+    parts = [str(p) for p in loc]
+    if "pattern" in parts:
+        i = parts.index("pattern")
+        if i + 1 < len(parts) and parts[i + 1] in _PATTERN_CLASSES:
+            del parts[i + 1]
+    return ".".join(parts)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The config class that owns the keys at `loc` (None if `loc` is not a section)."""
+    section: type[BaseModel] = RunConfig
+    parts = [str(p) for p in loc]
+    while parts:
+        part = parts.pop(0)
+        if part == "pattern" and section is SparsityConfig:
+            return _PATTERN_CLASSES.get(parts[0]) if parts else BlockPatternConfig
+        annotation = section.model_fields[part].annotation if part in section.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        section = annotation
+    return section
+
+
+_PATTERN_CLASSES = {"block": BlockPatternConfig, "unstructured": UnstructuredPatternConfig}
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(config: RunConfig) -> str:
+    """sha256 of the resolved config's canonical JSON (first 16 hex digits)."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,35 @@
+"""Errors the library raises; the CLI turns them into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+
+class SparsifyError(Exception):
+    """A problem the user can fix: the message names the bad value and how to fix it."""
+
+    exit_code = 1
+
+
+class ConfigError(SparsifyError):
+    """The YAML config or a --set override is invalid."""
+
+
+class ModelError(SparsifyError):
+    """A model or its weights cannot be built or loaded."""
+
+
+class DataError(SparsifyError):
+    """A dataset folder or file is missing or malformed."""
+
+
+class CheckpointError(SparsifyError):
+    """A checkpoint is missing, truncated, altered or inconsistent."""
+
+
+class RunLockedError(SparsifyError):
+    """Another sparsify command holds the run folder."""
+
+
+class TargetReached(SparsifyError):
+    """Every eligible layer is at its target; `prune` exits 3 so shell loops stop."""
+
+    exit_code = 3

@@ -1,0 +1,90 @@
+"""Masks on a live model: initial masks, in-place enforcement, per-layer statistics, checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsify.errors import CheckpointError
+
+
+def full_masks(model: nn.Module, names: list[str], pattern) -> dict[str, torch.Tensor]:
+    """All-kept group masks for the named weights."""
+    params = dict(model.named_parameters())
+    return {n: torch.ones(pattern.mask_shape(tuple(params[n].shape)), dtype=torch.bool) for n in names}
+
+
+class MaskEnforcer:
+    """Keeps masked weights at exactly 0.0: call `mask_grads_` before and `apply_` after each step.
+
+    Element masks are expanded once and kept on the parameters' device and dtype, so the
+    per-step cost is one multiply per masked tensor (weights) and one for gradients.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], pattern) -> None:
+        params = dict(model.named_parameters())
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        for name, mask in masks.items():
+            param = params[name]
+            element = pattern.expand(mask, tuple(param.shape))
+            self.pairs.append((param, element.to(device=param.device, dtype=param.dtype)))
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        for param, element in self.pairs:
+            param.mul_(element)
+
+    @torch.no_grad()
+    def mask_grads_(self) -> None:
+        for param, element in self.pairs:
+            if param.grad is not None:
+                param.grad.mul_(element)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Sparsity of one masked weight."""
+
+    name: str
+    shape: tuple[int, ...]
+    groups: int
+    groups_kept: int
+    weights: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.weights if self.weights else 0.0
+
+
+def layer_stats(name: str, weight: torch.Tensor, mask: torch.Tensor | None) -> LayerStats:
+    groups = int(mask.numel()) if mask is not None else 0
+    kept = int(mask.sum()) if mask is not None else 0
+    zeros = int((weight == 0).sum())
+    return LayerStats(name, tuple(weight.shape), groups, kept, weight.numel(), zeros)
+
+
+def find_unmasked_nonzeros(
+    state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern
+) -> list[str]:
+    """Names of weights with a nonzero value inside a masked-out group (the drift guard)."""
+    bad = []
+    for name, mask in masks.items():
+        element = pattern.expand(mask, tuple(state[name].shape))
+        if bool(state[name].masked_select(~element).ne(0).any()):
+            bad.append(name)
+    return bad
+
+
+def check_mask_shapes(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern) -> None:
+    for name, mask in masks.items():
+        if name not in state:
+            raise CheckpointError(f"mask {name!r} has no weight of that name in the checkpoint")
+        expected = tuple(pattern.mask_shape(tuple(state[name].shape)))
+        if tuple(mask.shape) != expected or mask.dtype != torch.bool:
+            raise CheckpointError(
+                f"mask {name!r} has shape {tuple(mask.shape)} ({mask.dtype}); a weight of shape "
+                f"{tuple(state[name].shape)} needs a bool mask of shape {expected}"
+            )
