@@ -1,0 +1,3 @@
+from sparsify.cli import main
+
+main()

@@ -1,0 +1,156 @@
+"""The `sparsify` command line: thin commands that parse, call one function, and print.
+
+Results go to stdout, progress and logs to stderr. Torch is imported only inside commands,
+so `sparsify --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sparsify.errors import SparsifyError
+
+app = typer.Typer(
+    name="sparsify",
+    help="Make trained CNNs sparse, round by round: download -> (prune -> train)* -> report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML config of the run.", show_default=False)
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.01 (repeatable).", show_default=False),
+]
+
+
+class ReportFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+def fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}" if code == 1 else message, err=True, fg="red" if code == 1 else "yellow")
+    raise typer.Exit(code)
+
+
+def reports_errors(func):
+    """Turn SparsifyError into one line on stderr and its exit code (no traceback)."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SparsifyError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            typer.secho("interrupted; finished stages are kept, rerun the command to continue", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def load(config: Optional[Path], overrides: Optional[list[str]]):
+    from sparsify.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def say(message: str) -> None:
+    typer.echo(message)
+
+
+@app.command()
+@reports_errors
+def download(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Delete the run's checkpoints and start again.")] = False,
+) -> None:
+    """Build the model with its starting weights (downloaded if needed) as the round-0 checkpoint."""
+    from sparsify import pipeline
+
+    say(pipeline.download(load(config, set_), force=force).message)
+
+
+@app.command()
+@reports_errors
+def prune(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Run one prune round on the latest checkpoint. Exits 3 once every layer is at its target."""
+    from sparsify import pipeline
+
+    say(pipeline.prune(load(config, set_)).message)
+
+
+@app.command()
+@reports_errors
+def train(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default: train.epochs).")] = None,
+) -> None:
+    """Finetune the latest checkpoint with its masks enforced, evaluate, save a new checkpoint."""
+    from sparsify import pipeline
+
+    say(pipeline.train(load(config, set_), epochs=epochs).message)
+
+
+@app.command("eval")
+@reports_errors
+def eval_(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Evaluate the latest checkpoint (top-1, top-5, loss) on the validation set."""
+    from sparsify import pipeline
+
+    say(pipeline.eval_latest(load(config, set_)).message)
+
+
+@app.command()
+@reports_errors
+def run(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Run the whole schedule (dense epochs, prune+train rounds, final epochs); resumable."""
+    from sparsify import pipeline
+
+    results = pipeline.run_schedule(load(config, set_))
+    say(f"run finished: {len(results)} stage(s) this time; see `sparsify report`")
+
+
+@app.command()
+@reports_errors
+def report(
+    target: Annotated[
+        Optional[Path], typer.Argument(help="A run folder or a checkpoint file (default: the config's run).")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    format_: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
+) -> None:
+    """Per-layer sparsity table, model summary and round history."""
+    from sparsify import report as report_mod
+
+    if target is None:
+        target = load(config, set_).run_dir
+    say(report_mod.render(report_mod.build_report(target), format_.value))
+
+
+@app.command("config")
+@reports_errors
+def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Validate a config and print it resolved (defaults filled in, overrides applied)."""
+    from sparsify.config import config_to_yaml
+
+    sys.stdout.write(config_to_yaml(load(config, set_)))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,365 @@
+"""The stages composed: download, prune, train, eval, and `run` (the whole schedule).
+
+Every stage reads the latest checkpoint of the run folder and writes a new one plus one line of
+history.jsonl, under the run's lock. Rerunning `run` after a crash continues from the last
+finished stage.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsify import __version__
+from sparsify.checkpoint import Checkpoint, RunDir, atomic_write_bytes, load_checkpoint, save_checkpoint
+from sparsify.config import RunConfig, config_hash, config_to_yaml
+from sparsify.errors import CheckpointError, SparsifyError, TargetReached
+from sparsify.masks import MaskEnforcer, check_mask_shapes, find_unmasked_nonzeros, full_masks
+from sparsify.patterns import build_pattern, describe_pattern
+from sparsify.prune import PruneSettings, find_layers, prune_round
+from sparsify.train import OptimConfig, evaluate, resolve_device, train_epochs
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageResult:
+    """What a finished stage wrote."""
+
+    command: str
+    round: int
+    stage: str
+    checkpoint: Path | None
+    sparsity: float
+    metrics: dict
+    seconds: float
+    message: str = ""
+
+
+@dataclass
+class LoadedRun:
+    """The latest checkpoint of a run, rebuilt as a live model with its masks."""
+
+    checkpoint: Checkpoint
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    pattern: object
+
+
+# ---------------------------------------------------------------- loading and saving
+
+
+def resolve_shapes(config: RunConfig) -> dict:
+    """num_classes, in_channels and input_size: from the config, else from the dataset/model."""
+    from sparsify.data import dataset_info
+    from sparsify.models import default_input_size
+
+    info = dataset_info(config.data, num_classes=config.model.num_classes)
+    input_size = config.model.input_size
+    if input_size is None and config.data.dataset == "imagefolder":
+        input_size = default_input_size(config.model.arch) or 224
+    return {
+        "num_classes": config.model.num_classes or info.num_classes,
+        "in_channels": config.model.in_channels or info.in_channels,
+        "input_size": input_size or info.input_size,
+    }
+
+
+def build_model_for(meta: dict) -> nn.Module:
+    """An untrained model with the architecture recorded in checkpoint metadata."""
+    from sparsify.models import build_model
+
+    return build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                       weights=None, log=log)
+
+
+def load_run(run: RunDir, *, path: Path | None = None) -> LoadedRun:
+    """Load (and verify) the latest checkpoint of `run`, or `path`."""
+    path = path or run.latest()
+    if path is None:
+        raise CheckpointError(f"run folder {run.root} has no checkpoint yet; start it with `sparsify download`")
+    ckpt = load_checkpoint(path, expected_sha256=run.recorded_sha256(path))
+    return rebuild(ckpt)
+
+
+def rebuild(ckpt: Checkpoint) -> LoadedRun:
+    """Model + masks from a checkpoint, after checking masks against weights."""
+    pattern = build_pattern(ckpt.meta["pattern"]) if ckpt.masks else None
+    if ckpt.masks:
+        check_mask_shapes(ckpt.state, ckpt.masks, pattern)
+        drifted = find_unmasked_nonzeros(ckpt.state, ckpt.masks, pattern)
+        if drifted:
+            raise CheckpointError(f"{ckpt.path} has nonzero weights inside pruned groups of {drifted[0]}"
+                                  f"{f' (and {len(drifted) - 1} more)' if len(drifted) > 1 else ''}; it was altered")
+    model = build_model_for(ckpt.meta)
+    try:
+        model.load_state_dict(ckpt.state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{ckpt.path} does not fit model {ckpt.meta['arch']!r}: {first}") from None
+    return LoadedRun(ckpt, model, dict(ckpt.masks), pattern)
+
+
+def model_sparsity(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern) -> float:
+    """Zeroed weights over all weights of the masked (eligible and pruned) layers."""
+    if not masks:
+        return 0.0
+    zeros = total = 0
+    for name, mask in masks.items():
+        sizes = pattern.group_sizes(tuple(state[name].shape))
+        zeros += int(sizes[~mask].sum())
+        total += state[name].numel()
+    return zeros / total
+
+
+def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpoint | None,
+                model: nn.Module, masks: dict, round_: int, stage: str, metrics: dict,
+                started: float, extra_meta: dict | None = None) -> StageResult:
+    """Save the stage's checkpoint and append its history line."""
+    run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    path = run.next_checkpoint_path(round_, stage)
+    base = parent.meta if parent else {}
+    pattern_spec = base.get("pattern") or config.sparsity.pattern.model_dump()
+    state = model.state_dict()
+    meta = {
+        "arch": base.get("arch", config.model.arch), "num_classes": base.get("num_classes"),
+        "in_channels": base.get("in_channels"), "input_size": base.get("input_size"),
+        "round": round_, "stage": stage, "pattern": pattern_spec,
+        "criterion": config.sparsity.criterion, "target": config.sparsity.target,
+        "sparsity_config": config.sparsity.model_dump(mode="json"),
+        "parent": parent.path.name if parent else None, "parent_sha256": parent.sha256 if parent else None,
+        "config_hash": config_hash(config), "metrics": metrics, "versions": versions(),
+        "created": now(),
+        "prune_log": base.get("prune_log", []) if base.get("round") == round_ else [],
+    }
+    meta.update(extra_meta or {})
+    sha = save_checkpoint(path, state, masks, meta)
+    pattern = build_pattern(pattern_spec)
+    sparsity = model_sparsity(state, masks, pattern)
+    seconds = time.perf_counter() - started
+    run.append_history({
+        "time": now(), "command": command, "round": round_, "stage": stage, "checkpoint": path.name,
+        "sha256": sha, "sparsity": round(sparsity, 6), "metrics": metrics, "seconds": round(seconds, 3),
+    })
+    return StageResult(command, round_, stage, path, sparsity, metrics, seconds)
+
+
+def versions() -> dict:
+    import safetensors
+    import torchvision
+
+    return {"sparsify": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def save_resolved_config(run: RunDir, config: RunConfig) -> None:
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run.root / "config.yaml", config_to_yaml(config).encode())
+
+
+def check_same_run(config: RunConfig, meta: dict) -> None:
+    """Refuse a config whose model or pattern disagrees with the run's checkpoints."""
+    if meta.get("arch") != config.model.arch:
+        raise SparsifyError(f"run {config.name!r} holds model {meta.get('arch')!r} but the config says "
+                            f"{config.model.arch!r}; use another name: or --set model.arch={meta.get('arch')}")
+    wanted = config.sparsity.pattern.model_dump()
+    if meta.get("pattern") and meta["pattern"] != wanted:
+        raise SparsifyError(f"run {config.name!r} was pruned with pattern {describe_pattern(meta['pattern'])} but "
+                            f"the config says {describe_pattern(wanted)}; start a new run (another name:)")
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def download(config: RunConfig, *, force: bool = False) -> StageResult:
+    """Round 0: build the model with its starting weights and save it."""
+    from sparsify.models import build_model
+
+    run = RunDir(config.run_dir)
+    if run.checkpoints() and not force:
+        raise SparsifyError(f"run folder {run.root} already has checkpoints; pass --force to start it again "
+                            f"(the old checkpoints are deleted) or choose another name:")
+    started = time.perf_counter()
+    shapes = resolve_shapes(config)
+    model = build_model(config.model.arch, num_classes=shapes["num_classes"], in_channels=shapes["in_channels"],
+                        weights=config.model.weights, log=log)
+    with run.lock("download"):
+        if force:
+            for path in run.checkpoints():
+                path.unlink()
+            run.history_path.unlink(missing_ok=True)
+        save_resolved_config(run, config)
+        result = write_stage(run, config, command="download", parent=None, model=model, masks={},
+                             round_=0, stage="pretrained", metrics={}, started=started,
+                             extra_meta={**shapes, "arch": config.model.arch, "weights": config.model.weights})
+    result.message = f"round 0: {config.model.arch} saved to {result.checkpoint}"
+    return result
+
+
+def prune(config: RunConfig) -> StageResult:
+    """One round: zero `step` of the remaining groups in every eligible layer."""
+    run = RunDir(config.run_dir)
+    with run.lock("prune"):
+        started = time.perf_counter()
+        loaded = load_run(run)
+        meta = loaded.checkpoint.meta
+        check_same_run(config, meta)
+        pattern = build_pattern(config.sparsity.pattern.model_dump())
+        s = config.sparsity
+        layers = find_layers(loaded.model, pattern, include_linear=s.include_linear, exclude=s.exclude)
+        eligible = [layer.name for layer in layers if layer.reason is None]
+        if not eligible:
+            raise SparsifyError("no layer of this model is eligible for pruning; see `sparsify report` for the reasons")
+        masks = full_masks(loaded.model, eligible, pattern)
+        masks.update({n: m for n, m in loaded.masks.items() if n in masks})
+        settings = PruneSettings(pattern, s.criterion, s.target, s.step, s.step_basis,
+                                 s.keep_rows, s.keep_cols, s.balanced)
+        weights = dict(loaded.model.named_parameters())
+        new_masks, entries = prune_round(weights, masks, settings)
+        zeroed = sum(e.zeros_after - e.zeros_before for e in entries)
+        if zeroed == 0:
+            raise TargetReached(_target_message(entries, s.target))
+        MaskEnforcer(loaded.model, new_masks, pattern).apply_()
+        save_resolved_config(run, config)
+        round_ = meta["round"] + 1
+        layer_log = [[e.name, e.groups, e.zeros_before, e.zeros_after, e.target_zeros, e.note] for e in entries]
+        result = write_stage(run, config, command="prune", parent=loaded.checkpoint, model=loaded.model,
+                             masks=new_masks, round_=round_, stage="pruned", metrics={}, started=started,
+                             extra_meta={"pattern": pattern.spec(), "prune_log": layer_log})
+    blocked = [e for e in entries if e.note]
+    result.message = (f"round {round_}: zeroed {zeroed} groups in {sum(e.zeros_after > e.zeros_before for e in entries)}"
+                      f"/{len(entries)} layers; sparsity {result.sparsity:.2%} of eligible weights"
+                      + (f"; {len(blocked)} layers limited by constraints" if blocked else ""))
+    return result
+
+
+def _target_message(entries, target: float) -> str:
+    stuck = [e for e in entries if e.zeros_before < e.target_zeros]
+    if not stuck:
+        return f"every eligible layer is at its target ({target:.0%}); nothing left to prune"
+    return (f"no more groups can be pruned: {len(entries) - len(stuck)} layers are at the target and "
+            f"{len(stuck)} are held by the constraints (e.g. {stuck[0].name}); see `sparsify report`")
+
+
+def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained", command: str = "train") -> StageResult:
+    """Finetune the latest checkpoint with masks enforced, evaluate, save."""
+    from sparsify.data import build_loaders
+
+    run = RunDir(config.run_dir)
+    with run.lock(command):
+        started = time.perf_counter()
+        loaded = load_run(run)
+        meta = loaded.checkpoint.meta
+        check_same_run(config, meta)
+        device = resolve_device(config.device)
+        torch.manual_seed(config.seed + len(run.checkpoints()))
+        train_loader, val_loader = build_loaders(
+            config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
+            in_channels=meta["in_channels"], seed=config.seed + len(run.checkpoints()),
+            pin_memory=device.type == "cuda")
+        model = loaded.model.to(device)
+        pattern = loaded.pattern or build_pattern(meta["pattern"])
+        enforcer = MaskEnforcer(model, loaded.masks, pattern)
+        t = config.train
+        cfg = OptimConfig(t.optimizer, t.lr, t.momentum, t.weight_decay, t.lr_schedule)
+        n_epochs = epochs or t.epochs
+        log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}, "
+            f"{len(loaded.masks)} masked layers")
+        metrics = train_epochs(model, train_loader, enforcer=enforcer, cfg=cfg, epochs=n_epochs, device=device,
+                               limit=config.data.limit_train_batches, log=log)
+        metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches))
+        metrics = {k: round(v, 4) for k, v in metrics.items()}
+        metrics["epochs"] = n_epochs
+        save_resolved_config(run, config)
+        result = write_stage(run, config, command=command, parent=loaded.checkpoint, model=model.cpu(),
+                             masks=loaded.masks, round_=meta["round"], stage=stage, metrics=metrics,
+                             started=started)
+    result.message = (f"round {result.round} {stage}: val top-1 {metrics['val_acc1']:.2f}%, "
+                      f"top-5 {metrics['val_acc5']:.2f}%, sparsity {result.sparsity:.2%}")
+    return result
+
+
+def eval_latest(config: RunConfig) -> StageResult:
+    """Evaluate the latest checkpoint on the validation set (no new checkpoint)."""
+    from sparsify.data import build_loaders
+
+    run = RunDir(config.run_dir)
+    with run.lock("eval"):
+        started = time.perf_counter()
+        loaded = load_run(run)
+        meta = loaded.checkpoint.meta
+        device = resolve_device(config.device)
+        _, val_loader = build_loaders(config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
+                                      in_channels=meta["in_channels"], seed=config.seed,
+                                      pin_memory=device.type == "cuda")
+        metrics = {k: round(v, 4) for k, v in evaluate(loaded.model.to(device), val_loader, device=device,
+                                                       limit=config.data.limit_val_batches).items()}
+        sparsity = model_sparsity(loaded.checkpoint.state, loaded.masks, loaded.pattern)
+        seconds = time.perf_counter() - started
+        run.append_history({"time": now(), "command": "eval", "round": meta["round"], "stage": "eval",
+                            "checkpoint": loaded.checkpoint.path.name, "sha256": loaded.checkpoint.sha256,
+                            "sparsity": round(sparsity, 6), "metrics": metrics, "seconds": round(seconds, 3)})
+    result = StageResult("eval", meta["round"], "eval", loaded.checkpoint.path, sparsity, metrics, seconds)
+    result.message = (f"{loaded.checkpoint.path.name}: val top-1 {metrics['val_acc1']:.2f}%, "
+                      f"top-5 {metrics['val_acc5']:.2f}%, loss {metrics['val_loss']:.4f}, sparsity {sparsity:.2%}")
+    return result
+
+
+def next_step(run: RunDir, config: RunConfig) -> str:
+    """What `run` does next, from the latest finished stage: download, dense, prune, round, final, done."""
+    latest = run.latest()
+    if latest is None:
+        return "download"
+    stage = _stage_of(latest)
+    sched = config.schedule
+    if stage == "pretrained":
+        return "dense" if sched.dense_epochs > 0 else "prune"
+    if stage == "pruned":
+        return "round" if sched.epochs_per_round > 0 else "prune"
+    if stage == "final":
+        return "done"
+    return "prune"
+
+
+def _stage_of(path: Path) -> str:
+    return path.name.split("-", 2)[2].removesuffix(".safetensors")
+
+
+def run_schedule(config: RunConfig, *, echo=log) -> list[StageResult]:
+    """The whole schedule in one process; resumable from the last finished stage."""
+    results: list[StageResult] = []
+    run = RunDir(config.run_dir)
+    sched = config.schedule
+    for _ in range(2 * sched.max_rounds + 4):
+        step = next_step(run, config)
+        if step == "done":
+            return results
+        if step == "download":
+            result = download(config)
+        elif step == "dense":
+            result = train(config, epochs=sched.dense_epochs, command="run")
+        elif step == "round":
+            result = train(config, epochs=sched.epochs_per_round, command="run")
+        else:
+            try:
+                result = prune(config)
+            except TargetReached as reached:
+                echo(f"target reached: {reached}")
+                if sched.final_epochs == 0:
+                    return results
+                result = train(config, epochs=sched.final_epochs, stage="final", command="run")
+        echo(result.message or f"{result.command}: {result.checkpoint}")
+        results.append(result)
+    raise SparsifyError(f"schedule.max_rounds ({sched.max_rounds}) reached before the target; raise it or the step")

@@ -1,0 +1,207 @@
+"""`sparsify report`: per-layer sparsity, the model summary and the round history.
+
+`build_report` gathers plain data (dicts and lists, JSON-ready); `render` prints it as a rich
+table, JSON, CSV (the per-layer table) or Markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from sparsify.checkpoint import RunDir, load_checkpoint
+from sparsify.errors import SparsifyError
+from sparsify.patterns import build_pattern, describe_pattern
+from sparsify.prune import find_layers
+
+LAYER_COLUMNS = ["parameter", "shape", "pattern", "groups_kept", "groups", "sparsity", "change", "eligible"]
+SUMMARY_COLUMNS = ["# total parameters", "# sparse parameters", "# dense parameters",
+                   "# nonzero parameters in sparse", "# free parameters", "sparsity"]
+HISTORY_COLUMNS = ["round", "stage", "command", "sparsity", "val_acc1", "val_acc5", "seconds", "time", "checkpoint"]
+
+
+def locate(target: Path) -> tuple[Path, RunDir | None]:
+    """The checkpoint to report on and, when it lives in a run folder, that run."""
+    target = Path(target)
+    if target.is_dir():
+        run = RunDir(target)
+        latest = run.latest()
+        if latest is None:
+            raise SparsifyError(f"{target} has no checkpoint; run `sparsify download` first or pass a checkpoint file")
+        return latest, run
+    if target.is_file():
+        run_root = target.parent.parent
+        return target, RunDir(run_root) if (run_root / "history.jsonl").is_file() else None
+    raise SparsifyError(f"{target} is neither a run folder nor a checkpoint file")
+
+
+def build_report(target: Path) -> dict:
+    """Everything `render` prints, as JSON-ready data."""
+    from sparsify.pipeline import build_model_for
+
+    path, run = locate(target)
+    ckpt = load_checkpoint(path, expected_sha256=run.recorded_sha256(path) if run else None)
+    meta = ckpt.meta
+    with torch.device("meta"):
+        model = build_model_for(meta)
+    pattern = build_pattern(meta["pattern"])
+    sparsity_cfg = meta.get("sparsity_config") or {}
+    layers = find_layers(model, pattern, include_linear=sparsity_cfg.get("include_linear", False),
+                         exclude=sparsity_cfg.get("exclude", []))
+    rows = [layer_row(layer, ckpt.state[layer.name], ckpt.masks.get(layer.name), meta) for layer in layers]
+    return {
+        "checkpoint": str(path), "arch": meta["arch"], "round": meta["round"], "stage": meta["stage"],
+        "pattern": describe_pattern(meta["pattern"]), "criterion": meta.get("criterion"), "target": meta.get("target"),
+        "layers": rows,
+        "summary": summarize(model, ckpt.state, ckpt.masks, rows),
+        "constraints": [{"parameter": e[0], "note": e[5]} for e in meta.get("prune_log", []) if e[5]],
+        "history": [history_row(e) for e in run.history()] if run else [],
+    }
+
+
+def layer_row(layer, weight: torch.Tensor, mask: torch.Tensor | None, meta: dict) -> dict:
+    changes = {e[0]: e for e in meta.get("prune_log", [])}
+    zeros = int((weight == 0).sum())
+    row = {
+        "parameter": layer.name, "shape": "x".join(map(str, layer.shape)),
+        "pattern": describe_pattern(meta["pattern"]) if mask is not None else "-",
+        "groups_kept": int(mask.sum()) if mask is not None else None,
+        "groups": int(mask.numel()) if mask is not None else None,
+        "sparsity": round(zeros / weight.numel(), 6),
+        "change": None,
+        "eligible": "yes" if layer.reason is None else f"no: {layer.reason}",
+    }
+    if layer.name in changes:
+        _, groups, before, after, _, _ = changes[layer.name]
+        row["change"] = round((after - before) / groups, 6)
+    return row
+
+
+def summarize(model, state: dict, masks: dict, rows: list[dict]) -> dict:
+    """The dst-style summary: zeros over all parameters, plus 'N/M layers pruned'."""
+    total = sum(p.numel() for p in model.parameters())
+    sparse = sum(state[name].numel() for name in masks)
+    nonzero = sum(int(state[name].count_nonzero()) for name in masks)
+    eligible = sum(r["eligible"] == "yes" for r in rows)
+    pruned = sum(1 for name, mask in masks.items() if not bool(mask.all()))
+    return {
+        "# total parameters": total, "# sparse parameters": sparse, "# dense parameters": total - sparse,
+        "# nonzero parameters in sparse": nonzero, "# free parameters": total - sparse + nonzero,
+        "sparsity": round((sparse - nonzero) / total, 6) if total else 0.0,
+        "sparsity of eligible weights": round(1 - nonzero / sparse, 6) if sparse else 0.0,
+        "layers pruned": f"{pruned}/{eligible}",
+    }
+
+
+def history_row(entry: dict) -> dict:
+    metrics = entry.get("metrics") or {}
+    return {
+        "round": entry.get("round"), "stage": entry.get("stage"), "command": entry.get("command"),
+        "sparsity": entry.get("sparsity"), "val_acc1": metrics.get("val_acc1"), "val_acc5": metrics.get("val_acc5"),
+        "seconds": entry.get("seconds"), "time": entry.get("time"), "checkpoint": entry.get("checkpoint"),
+    }
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render(report: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(report, indent=2)
+    if fmt == "csv":
+        return render_csv(report["layers"], LAYER_COLUMNS)
+    if fmt == "markdown":
+        return render_markdown(report)
+    if fmt == "table":
+        return render_table(report)
+    raise SparsifyError(f"unknown report format {fmt!r}; choose table, json, csv or markdown")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}%"
+
+
+def _display_layers(report: dict) -> list[list[str]]:
+    return [[r["parameter"], r["shape"], r["pattern"],
+             "" if r["groups"] is None else f"{r['groups_kept']}/{r['groups']}",
+             _pct(r["sparsity"]), "" if r["change"] is None else f"+{_pct(r['change'])}", r["eligible"]]
+            for r in report["layers"]]
+
+
+def _display_history(report: dict) -> list[list[str]]:
+    return [[_cell(h["round"]), _cell(h["stage"]), _cell(h["command"]), _pct(h["sparsity"]),
+             _cell(h["val_acc1"]), _cell(h["val_acc5"]), _cell(h["seconds"]), _cell(h["time"])]
+            for h in report["history"]]
+
+
+_LAYER_HEAD = ["parameter", "shape", "pattern", "groups kept", "sparsity", "change (groups)", "eligible"]
+_HISTORY_HEAD = ["round", "stage", "command", "sparsity", "top-1", "top-5", "seconds", "time"]
+
+
+def _title(report: dict) -> str:
+    return (f"{report['arch']} — {Path(report['checkpoint']).name} (round {report['round']}, {report['stage']}); "
+            f"pattern {report['pattern']}, criterion {report['criterion']}, target {report['target']}")
+
+
+def render_table(report: dict) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=160, color_system=None)
+    layers = Table(title=_title(report), title_justify="left")
+    for head in _LAYER_HEAD:
+        layers.add_column(head, justify="left" if head in ("parameter", "eligible", "pattern") else "right")
+    for row in _display_layers(report):
+        layers.add_row(*row)
+    console.print(layers)
+    summary = Table(title="summary (sparsity = zeros over all parameters)", title_justify="left")
+    for key in report["summary"]:
+        summary.add_column(key, justify="right")
+    summary.add_row(*[_cell(v) for v in report["summary"].values()])
+    console.print(summary)
+    for item in report["constraints"]:
+        console.print(f"constraint: {item['parameter']}: {item['note']}")
+    if report["history"]:
+        history = Table(title="history", title_justify="left")
+        for head in _HISTORY_HEAD:
+            history.add_column(head, justify="right")
+        for row in _display_history(report):
+            history.add_row(*row)
+        console.print(history)
+    return buffer.getvalue().rstrip()
+
+
+def render_csv(rows: list[dict], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: row.get(key) for key in columns})
+    return buffer.getvalue().rstrip()
+
+
+def _markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    parts = [f"**{_title(report)}**", "", _markdown_table(_LAYER_HEAD, _display_layers(report)), "",
+             _markdown_table(list(report["summary"]), [[_cell(v) for v in report["summary"].values()]])]
+    if report["history"]:
+        parts += ["", _markdown_table(_HISTORY_HEAD, _display_history(report))]
+    return "\n".join(parts)
