@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from sparsify.errors import ConfigError
 
@@ -56,8 +56,16 @@ class UnstructuredPatternConfig(_Section):
     type: Literal["unstructured"]
 
 
+def _pattern_type(value: Any) -> str:
+    """`type` picks the pattern class; a pattern section without one is a block pattern."""
+    if isinstance(value, dict):
+        return value.get("type", "block")
+    return getattr(value, "type", "block")
+
+
 PatternConfig = Annotated[
-    Union[BlockPatternConfig, UnstructuredPatternConfig], Field(discriminator="type")
+    Union[Annotated[BlockPatternConfig, Tag("block")], Annotated[UnstructuredPatternConfig, Tag("unstructured")]],
+    Discriminator(_pattern_type),
 ]
 
 
