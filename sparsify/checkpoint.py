@@ -24,6 +24,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from sparsify.errors import CheckpointError, RunLockedError
+from sparsify.masks import check_masks
+from sparsify.patterns import build_pattern
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
@@ -117,6 +119,10 @@ def decode_checkpoint(data: bytes, path: Path) -> Checkpoint:
         )
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
+    if masks:
+        if not isinstance(meta.get("pattern"), dict):
+            raise CheckpointError(f"{path} has masks but no pattern in its metadata; it was not written by sparsify")
+        check_masks(state, masks, build_pattern(meta["pattern"]), source=path)
     return Checkpoint(Path(path), state, masks, meta, hashlib.sha256(data).hexdigest())
 
 

@@ -191,6 +191,9 @@ def describe_validation_error(exc: ValidationError) -> str:
         section = _section_at(first["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else "see the README"
         return f"unknown config key {loc!r}; allowed here: {allowed}{more}"
+    if first["type"] == "union_tag_invalid":
+        tags = ", ".join(_PATTERN_CLASSES)
+        return f"config key {loc!r}: unknown type {first['ctx']['tag']!r}; choose one of: {tags}{more}"
     message = first["msg"].removeprefix("Value error, ")
     return f"config key {loc!r}: {message} (got {first.get('input')!r}){more}"
 

@@ -69,13 +69,23 @@ def layer_stats(name: str, weight: torch.Tensor, mask: torch.Tensor | None) -> L
 def find_unmasked_nonzeros(
     state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern
 ) -> list[str]:
-    """Names of weights with a nonzero value inside a masked-out group (the drift guard)."""
+    """Names of weights with a nonzero (or NaN) value inside a masked-out group (the drift guard)."""
     bad = []
     for name, mask in masks.items():
-        element = pattern.expand(mask, tuple(state[name].shape))
-        if bool(state[name].masked_select(~element).ne(0).any()):
+        magnitude = pattern.group_sum(state[name].detach().abs())
+        if bool(magnitude.reshape(mask.shape)[~mask].ne(0).any()):
             bad.append(name)
     return bad
+
+
+def check_masks(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern, *, source) -> None:
+    """Refuse masks that do not fit their weights, or weights that drifted inside pruned groups."""
+    check_mask_shapes(state, masks, pattern)
+    drifted = find_unmasked_nonzeros(state, masks, pattern)
+    if drifted:
+        more = f" (and {len(drifted) - 1} more)" if len(drifted) > 1 else ""
+        raise CheckpointError(f"{source} has nonzero weights inside pruned groups of {drifted[0]}{more}; "
+                              "it was altered or written by a faulty tool")
 
 
 def check_mask_shapes(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern) -> None:

@@ -92,23 +92,21 @@ class SmallResNet(nn.Module):
 
 
 def init_small_resnet_(model: SmallResNet) -> None:
-    """Kaiming-initialise convs and zero each block's last BatchNorm scale (stable early training)."""
+    """Kaiming-initialise the convs (BatchNorm and Linear keep PyTorch's defaults)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, BasicBlock):
-            nn.init.zeros_(module.bn2.weight)
 
 
 @MODELS.register("tiny_resnet")
 def tiny_resnet(num_classes: int, in_channels: int) -> nn.Module:
-    """ResNet with stages of 16, 32, 64 channels, one basic block each (about 0.18M parameters)."""
+    """ResNet with stages of 16, 32, 64 channels, one basic block each (about 78k parameters)."""
     return SmallResNet(num_classes=num_classes, in_channels=in_channels, widths=(16, 32, 64), blocks=1)
 
 
 @MODELS.register("small_resnet")
 def small_resnet(num_classes: int, in_channels: int) -> nn.Module:
-    """ResNet with stages of 32, 64, 128 channels, two basic blocks each (about 1.2M parameters)."""
+    """ResNet with stages of 32, 64, 128 channels, two basic blocks each (about 0.7M parameters)."""
     return SmallResNet(
         num_classes=num_classes, in_channels=in_channels, widths=(32, 64, 128), blocks=2
     )
@@ -241,7 +239,7 @@ def resolve_weights(arch: str, name: str):
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)
-    key = name.removeprefix(enum.__name__ + ".")
+    key = name.removeprefix(enum.__name__ + ".").upper()
     if key not in enum.__members__:
         raise ModelError(
             f"unknown weights {name!r} for {arch}; choose one of: {', '.join(enum.__members__)} "

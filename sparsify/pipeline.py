@@ -20,7 +20,7 @@ from sparsify import __version__
 from sparsify.checkpoint import Checkpoint, RunDir, atomic_write_bytes, load_checkpoint, save_checkpoint
 from sparsify.config import RunConfig, config_hash, config_to_yaml
 from sparsify.errors import CheckpointError, SparsifyError, TargetReached
-from sparsify.masks import MaskEnforcer, check_mask_shapes, find_unmasked_nonzeros, full_masks
+from sparsify.masks import MaskEnforcer, full_masks
 from sparsify.patterns import build_pattern, describe_pattern
 from sparsify.prune import PruneSettings, find_layers, prune_round
 from sparsify.train import OptimConfig, evaluate, resolve_device, train_epochs
@@ -91,14 +91,8 @@ def load_run(run: RunDir, *, path: Path | None = None) -> LoadedRun:
 
 
 def rebuild(ckpt: Checkpoint) -> LoadedRun:
-    """Model + masks from a checkpoint, after checking masks against weights."""
+    """Model + masks from a (validated) checkpoint."""
     pattern = build_pattern(ckpt.meta["pattern"]) if ckpt.masks else None
-    if ckpt.masks:
-        check_mask_shapes(ckpt.state, ckpt.masks, pattern)
-        drifted = find_unmasked_nonzeros(ckpt.state, ckpt.masks, pattern)
-        if drifted:
-            raise CheckpointError(f"{ckpt.path} has nonzero weights inside pruned groups of {drifted[0]}"
-                                  f"{f' (and {len(drifted) - 1} more)' if len(drifted) > 1 else ''}; it was altered")
     model = build_model_for(ckpt.meta)
     try:
         model.load_state_dict(ckpt.state, strict=True)

@@ -16,6 +16,7 @@ def sample():
     state = {"conv.weight": torch.randn(16, 16, 3, 3), "bn.running_mean": torch.randn(16),
              "bn.num_batches_tracked": torch.tensor(7), "half": torch.randn(3).half()}
     masks = {"conv.weight": torch.tensor([[True, False], [True, True]])}
+    state["conv.weight"][:8, 8:] = 0.0  # the pruned block
     meta = {"arch": "x", "round": 2, "stage": "pruned", "pattern": {"type": "block", "block": [8, 8]}}
     return state, masks, meta
 
@@ -73,6 +74,17 @@ def test_foreign_or_future_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_masks_that_do_not_fit_or_drifted_weights_are_refused(tmp_path):
+    state, masks, meta = sample()
+    save_checkpoint(tmp_path / "shape.safetensors", state, {"conv.weight": torch.ones(3, 2, dtype=torch.bool)}, meta)
+    with pytest.raises(CheckpointError, match=r"needs a bool mask of shape \(2, 2\)"):
+        load_checkpoint(tmp_path / "shape.safetensors")
+    state["conv.weight"][0, 15, 1, 1] = float("nan")
+    save_checkpoint(tmp_path / "drift.safetensors", state, masks, meta)
+    with pytest.raises(CheckpointError, match="nonzero weights inside pruned groups of conv.weight"):
+        load_checkpoint(tmp_path / "drift.safetensors")
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path):

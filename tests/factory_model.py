@@ -1,0 +1,24 @@
+"""Factories that tests reach through the `module:factory` model spec."""
+
+from torch import nn
+
+
+def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A two-layer CNN with `num_classes` outputs."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
+
+
+def build_classes_only(num_classes: int) -> nn.Module:
+    """A linear model on 3x8x8 images that takes no in_channels argument."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, num_classes))
+
+
+def not_a_model(num_classes: int) -> str:
+    """Returns something other than a module."""
+    return "model"

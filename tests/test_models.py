@@ -1,0 +1,333 @@
+"""Model building: built-in ResNets, torchvision by name, factories, weights from files and the hub cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from sparsify.errors import ModelError
+from sparsify.models import (
+    MODELS,
+    build_model,
+    cache_file,
+    default_in_channels,
+    default_input_size,
+    find_head,
+    replace_head_,
+)
+
+RESNET18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+
+
+@pytest.fixture
+def logs() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def factory_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+# ----------------------------------------------------------------------------- built-in models
+
+
+@pytest.mark.parametrize("arch", ["tiny_resnet", "small_resnet"])
+@pytest.mark.parametrize("size", [8, 28])
+def test_builtin_forward_shape(arch, size):
+    model = build_model(arch, num_classes=10, in_channels=1)
+    assert eval_forward(model, torch.randn(2, 1, size, size)).shape == (2, 10)
+
+
+def test_builtin_models_are_registered_and_take_rgb():
+    assert {"tiny_resnet", "small_resnet"} <= set(MODELS.names())
+    model = build_model("tiny_resnet", num_classes=4, in_channels=3)
+    assert eval_forward(model, torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_tiny_resnet_layout():
+    model = build_model("tiny_resnet", num_classes=10, in_channels=1)
+    assert isinstance(model.fc, nn.Linear) and model.fc.in_features == 64
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert convs["conv1"].in_channels == 1 and convs["conv1"].out_channels == 16
+    widths = sorted({m.out_channels for m in convs.values()})
+    assert widths == [16, 32, 64]
+    blockable = [n for n, m in convs.items() if m.in_channels >= 16 and m.out_channels >= 16]
+    assert len(blockable) == len(convs) - 1  # every conv but the stem
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_small_resnet_is_wider_and_deeper():
+    tiny = build_model("tiny_resnet", num_classes=10, in_channels=1)
+    small = build_model("small_resnet", num_classes=10, in_channels=1)
+    assert small.fc.in_features == 128
+    assert len(small.layer1) == 2
+    assert sum(p.numel() for p in small.parameters()) > 5 * sum(p.numel() for p in tiny.parameters())
+
+
+# ----------------------------------------------------------------------------- torchvision and factories
+
+
+def test_torchvision_model_by_name_random_weights(logs):
+    model = build_model("resnet18", num_classes=7, log=logs.append)
+    assert model.fc.out_features == 7
+    assert eval_forward(model, torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    assert logs == []
+
+
+def test_torchvision_model_refuses_other_channel_counts():
+    with pytest.raises(ModelError, match="takes 3 input channels.*model.in_channels: 3"):
+        build_model("resnet18", num_classes=10, in_channels=1)
+
+
+def test_factory_model(factory_path):
+    model = build_model("factory_model:build", num_classes=6, in_channels=1)
+    assert eval_forward(model, torch.randn(2, 1, 8, 8)).shape == (2, 6)
+    model = build_model("factory_model:build_classes_only", num_classes=3)
+    assert eval_forward(model, torch.randn(2, 3, 8, 8)).shape == (2, 3)
+
+
+def test_factory_errors(factory_path):
+    with pytest.raises(ModelError, match="returned str, not a torch.nn.Module"):
+        build_model("factory_model:not_a_model", num_classes=2)
+    with pytest.raises(ModelError, match="has no callable 'missing'"):
+        build_model("factory_model:missing", num_classes=2)
+    with pytest.raises(ModelError, match="cannot import module 'no_such_pkg.models'"):
+        build_model("no_such_pkg.models:build", num_classes=2)
+
+
+def test_unknown_arch():
+    with pytest.raises(ModelError) as info:
+        build_model("resnet51", num_classes=10)
+    message = str(info.value)
+    assert "unknown model 'resnet51'" in message
+    for word in ("torchvision classification model", "tiny_resnet", "small_resnet", "pkg.module:factory"):
+        assert word in message
+
+
+def test_unknown_weights_name_lists_valid_ones():
+    with pytest.raises(ModelError, match="unknown weights 'IMAGENET9K'.*IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
+        build_model("resnet50", num_classes=10, weights="IMAGENET9K")
+
+
+def test_named_weights_for_builtin_model_are_refused():
+    with pytest.raises(ModelError, match="'tiny_resnet' has no named weights"):
+        build_model("tiny_resnet", num_classes=10, in_channels=1, weights="DEFAULT")
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    path = tmp_path / "absent.safetensors"
+    with pytest.raises(ModelError, match=f"weights file '{path}' does not exist"):
+        build_model("tiny_resnet", num_classes=10, in_channels=1, weights=str(path))
+
+
+# ----------------------------------------------------------------------------- local weight files
+
+
+def assert_same_state(model: nn.Module, state: dict[str, torch.Tensor], *, skip: str = "") -> None:
+    for key, value in model.state_dict().items():
+        if skip and key.startswith(skip):
+            continue
+        assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "pth", "pth-state_dict", "pth-model"])
+def test_local_weights_load(tmp_path, logs, layout):
+    source = build_model("tiny_resnet", num_classes=10, in_channels=1)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    if layout == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file(state, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        wrapped = {"pth": state, "pth-state_dict": {"state_dict": state, "epoch": 3}}
+        torch.save(wrapped.get(layout, {"model": state}), path)
+    model = build_model("tiny_resnet", num_classes=10, in_channels=1, weights=str(path), log=logs.append)
+    assert_same_state(model, state)
+    assert logs == [f"loaded weights from {path}"]
+
+
+def test_local_weights_head_reinitialised_when_classes_differ(tmp_path, logs):
+    source = build_model("tiny_resnet", num_classes=10, in_channels=1)
+    path = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = build_model("tiny_resnet", num_classes=3, in_channels=1, weights=str(path), log=logs.append)
+    assert model.fc.out_features == 3
+    assert_same_state(model, source.state_dict(), skip="fc.")
+    assert "re-initialised head fc.bias, fc.weight" in logs[-1]
+
+
+def test_local_weights_with_prefixed_keys(tmp_path):
+    source = build_model("tiny_resnet", num_classes=10, in_channels=1)
+    path = tmp_path / "w.pt"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    model = build_model("tiny_resnet", num_classes=10, in_channels=1, weights=str(path))
+    assert_same_state(model, source.state_dict())
+
+
+def test_local_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(build_model("small_resnet", num_classes=10, in_channels=1).state_dict(), str(path))
+    with pytest.raises(ModelError, match=r"does not fit the model \(.*unexpected: .*\(\+\d+ more\)"):
+        build_model("tiny_resnet", num_classes=10, in_channels=1, weights=str(path))
+
+
+def test_local_weights_corrupt_or_pickled_module(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="not a valid safetensors file"):
+        build_model("tiny_resnet", num_classes=10, in_channels=1, weights=str(bad))
+    whole = tmp_path / "whole.pth"
+    torch.save(build_model("tiny_resnet", num_classes=10, in_channels=1), whole)
+    with pytest.raises(ModelError, match=r"save model.state_dict\(\)"):
+        build_model("tiny_resnet", num_classes=10, in_channels=1, weights=str(whole))
+
+
+def test_local_weights_for_torchvision_model(tmp_path, logs):
+    source = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model("resnet18", num_classes=10, weights=str(path), log=logs.append)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 10
+
+
+# ----------------------------------------------------------------------------- torchvision weights via the hub cache
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    return tmp_path / "torch-home"
+
+
+@pytest.fixture
+def resnet18_cache(torch_home) -> dict[str, torch.Tensor]:
+    """Pre-fill the hub cache with a generated resnet18 state dict under torchvision's file name."""
+    torch.manual_seed(123)
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    target = torch_home / "hub" / "checkpoints" / Path(RESNET18_URL).name
+    target.parent.mkdir(parents=True)
+    torch.save(state, target)
+    return state
+
+
+@pytest.mark.parametrize("name", ["IMAGENET1K_V1", "DEFAULT"])
+def test_pretrained_weights_come_from_the_hub_cache(resnet18_cache, logs, name):
+    assert torchvision.models.ResNet18_Weights[name].url == RESNET18_URL
+    model = build_model("resnet18", weights=name, num_classes=10, log=logs.append)
+    assert torch.equal(model.conv1.weight, resnet18_cache["conv1.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, resnet18_cache["layer4.1.bn2.running_var"])
+    assert model.fc.out_features == 10 and model.fc.in_features == 512
+    assert logs[0] == "loaded resnet18 weights IMAGENET1K_V1 (1000 classes)"
+    assert "replaced head fc (1000 -> 10 outputs)" in logs[1]
+
+
+def test_pretrained_weights_keep_head_when_classes_match(resnet18_cache, logs):
+    model = build_model("resnet18", weights="IMAGENET1K_V1", num_classes=1000, log=logs.append)
+    assert torch.equal(model.fc.weight, resnet18_cache["fc.weight"])
+    assert len(logs) == 1
+
+
+def test_failed_download_names_url_and_cache_file(torch_home, monkeypatch):
+    # an unreachable proxy makes the download fail at once, network or not
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    target = torch_home / "hub" / "checkpoints" / Path(RESNET18_URL).name
+    with pytest.raises(ModelError) as info:
+        build_model("resnet18", weights="IMAGENET1K_V1", num_classes=10)
+    assert RESNET18_URL in str(info.value)
+    assert f"copy that file to {target}" in str(info.value)
+    assert cache_file(RESNET18_URL) == target
+
+
+def test_corrupt_cache_file_is_reported(torch_home):
+    target = torch_home / "hub" / "checkpoints" / Path(RESNET18_URL).name
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"truncated")
+    with pytest.raises(ModelError, match=f"cannot read cached weights {target}.*delete it"):
+        build_model("resnet18", weights="IMAGENET1K_V1", num_classes=10)
+
+
+def test_pretrained_inception_v3_from_cache(torch_home, logs):
+    weights = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+    source = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    target = torch_home / "hub" / "checkpoints" / Path(weights.url).name
+    target.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), target)
+    model = build_model("inception_v3", weights="DEFAULT", num_classes=10, log=logs.append)
+    assert torch.equal(model.Conv2d_1a_3x3.conv.weight, source.Conv2d_1a_3x3.conv.weight)
+    assert model.AuxLogits is None and model.transform_input
+    assert model.fc.out_features == 10
+    rebuilt = build_model("inception_v3", num_classes=10)  # as a checkpoint load rebuilds it
+    assert set(rebuilt.state_dict()) == set(model.state_dict())
+    assert rebuilt.AuxLogits is None and rebuilt.transform_input
+    rebuilt.train()
+    assert rebuilt(torch.randn(2, 3, 75, 75)).shape == (2, 10)  # plain logits, no aux tuple
+
+
+# ----------------------------------------------------------------------------- heads and defaults
+
+
+def test_squeezenet_head_is_the_final_1x1_conv():
+    model = torchvision.models.squeezenet1_1(num_classes=1000)
+    name, head = replace_head_(model, 7)
+    assert name == "classifier.1" and isinstance(head, nn.Conv2d) and head.out_channels == 7
+    assert eval_forward(model, torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_find_head_of_builtin_model():
+    name, head = find_head(build_model("small_resnet", num_classes=10, in_channels=1))
+    assert name == "fc" and head.out_features == 10
+
+
+def test_default_input_size_and_channels():
+    assert default_input_size("inception_v3") == 299
+    assert default_input_size("resnet50") == 224
+    assert default_input_size("tiny_resnet") is None
+    assert default_input_size("factory_model:build") is None
+    assert default_in_channels("resnet50") == 3
+    assert default_in_channels("tiny_resnet") is None
+
+
+def test_tiny_resnet_learns_digits():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is fastest, and robust on a busy machine
+    try:
+        accuracy = train_tiny_resnet_on_digits()
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy > 0.9
+
+
+def train_tiny_resnet_on_digits() -> float:
+    from sparsify.config import DataConfig
+    from sparsify.data import build_loaders
+
+    train, val = build_loaders(
+        DataConfig(dataset="digits"), input_size=8, num_classes=10, in_channels=1, seed=0
+    )
+    model = build_model("tiny_resnet", num_classes=10, in_channels=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for _ in range(3):
+        model.train()
+        for x, y in train:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    correct = sum((eval_forward(model, x).argmax(1) == y).sum().item() for x, y in val)
+    return correct / len(val.dataset)
