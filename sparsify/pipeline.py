@@ -60,7 +60,7 @@ class LoadedRun:
 def resolve_shapes(config: RunConfig) -> dict:
     """num_classes, in_channels and input_size: from the config, else from the dataset/model."""
     from sparsify.data import dataset_info
-    from sparsify.models import default_input_size
+    from sparsify.models import default_in_channels, default_input_size
 
     info = dataset_info(config.data, num_classes=config.model.num_classes)
     input_size = config.model.input_size
@@ -68,7 +68,7 @@ def resolve_shapes(config: RunConfig) -> dict:
         input_size = default_input_size(config.model.arch) or 224
     return {
         "num_classes": config.model.num_classes or info.num_classes,
-        "in_channels": config.model.in_channels or info.in_channels,
+        "in_channels": config.model.in_channels or default_in_channels(config.model.arch) or info.in_channels,
         "input_size": input_size or info.input_size,
     }
 
@@ -147,11 +147,16 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
 
 
 def versions() -> dict:
-    import safetensors
-    import torchvision
+    """Versions of the packages that wrote a checkpoint (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"sparsify": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "safetensors": safetensors.__version__}
+    found = {"sparsify": __version__, "torch": torch.__version__}
+    for package in ("torchvision", "safetensors"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def now() -> str:

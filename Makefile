@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make demo   - install into .venv, then run the quickstart end to end (a few minutes on a CPU)
+#   make test   - install into .venv, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-all bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	$(BIN)/sparsify run -c configs/quickstart.yaml
+	$(BIN)/sparsify report -c configs/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf runs/quickstart .pytest_cache
