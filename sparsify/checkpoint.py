@@ -193,9 +193,12 @@ class RunDir:
             os.fsync(f.fileno())
 
     @contextmanager
-    def lock(self, command: str) -> Iterator[None]:
+    def lock(self, command: str, *, create: bool = False) -> Iterator[None]:
         """Hold the run's lock for the duration of one command (released even on a crash)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise CheckpointError(f"run folder {self.root} does not exist; start the run with `sparsify download`")
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

@@ -194,7 +194,7 @@ def download(config: RunConfig, *, force: bool = False) -> StageResult:
     shapes = resolve_shapes(config)
     model = build_model(config.model.arch, num_classes=shapes["num_classes"], in_channels=shapes["in_channels"],
                         weights=config.model.weights, log=log)
-    with run.lock("download"):
+    with run.lock("download", create=True):
         if force:
             for path in run.checkpoints():
                 path.unlink()

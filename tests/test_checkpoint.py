@@ -119,6 +119,10 @@ def test_history_lines_and_recorded_hash(tmp_path):
 
 def test_second_command_on_a_run_is_refused_with_the_holder(tmp_path):
     run = RunDir(tmp_path / "r")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        with run.lock("train"):
+            pass
+    run.root.mkdir()
     with run.lock("train"):
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}.*train"):
             with RunDir(tmp_path / "r").lock("prune"):

@@ -86,6 +86,7 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(workdir):
     assert not (workdir / "runs/tiny").exists()
     code, _, err = invoke("prune", "-c", "tiny.yaml")
     assert code == 1 and "sparsify download" in err
+    assert not (workdir / "runs").exists()
     code, _, err = invoke("download", "-c", "missing.yaml")
     assert code == 1 and "missing.yaml" in err
 
