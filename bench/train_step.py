@@ -31,9 +31,9 @@ TARGET_RATIO = 1.03
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], default_repeats=7)
-    p.add_argument("--block", type=int, default=4, help="steps per masked/plain block (default 4)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
+    p = parser(__doc__.splitlines()[0], default_repeats=20)
+    p.add_argument("--block", type=int, default=1, help="steps per masked/plain block (default 1)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=112)
     args = p.parse_args()

@@ -14,14 +14,15 @@ import os
 import re
 import socket
 import struct
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import load_file
+from safetensors.torch import save_file
 
 from sparsify.errors import CheckpointError, RunLockedError
 from sparsify.masks import check_masks
@@ -43,10 +44,22 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so a crash leaves either the old file or the new one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -55,11 +68,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
+
+
+def _sha256_of_file(path: Path, out: list) -> None:
+    with open(path, "rb") as f:
+        out.append(hashlib.file_digest(f, "sha256").hexdigest())
 
 
 def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -74,72 +88,102 @@ def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return out
 
 
-def encode_checkpoint(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], meta: dict) -> bytes:
+def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict) -> str:
+    """Atomically write a checkpoint; returns the file's sha256 (hashed while the file syncs)."""
+    path = Path(path)
     tensors = _cpu_tensors(state, "model.")
     tensors.update(_cpu_tensors(masks, "mask."))
     metadata = {key: json.dumps(value) for key, value in meta.items()}
     metadata["format"] = json.dumps(FORMAT_VERSION)
-    return save_safetensors(tensors, metadata=metadata)
-
-
-def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict) -> str:
-    """Atomically write a checkpoint; returns the file's sha256."""
-    data = encode_checkpoint(state, masks, meta)
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
-    if len(data) < 8:
-        raise CheckpointError(f"{path} is truncated (only {len(data)} bytes); restore it or delete it")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > len(data) - 8:
-        raise CheckpointError(f"{path} is truncated (its header says {size} bytes); restore it or delete it")
+    tmp = _temporary_path(path)
+    digest: list[str] = []
     try:
-        header = json.loads(data[8 : 8 + size])
-    except ValueError:
-        raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+        save_file(tensors, tmp, metadata=metadata)
+        hasher = threading.Thread(target=_sha256_of_file, args=(tmp, digest))
+        hasher.start()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        hasher.join()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return digest[0]
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The raw metadata of a safetensors file (reads only its header)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated (only {len(head)} bytes); restore it or delete it")
+        (size,) = struct.unpack("<Q", head)
+        if size > os.fstat(f.fileno()).st_size - 8:
+            raise CheckpointError(f"{path} is truncated (its header says {size} bytes); restore it or delete it")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
     return header.get("__metadata__") or {}
 
 
-def decode_checkpoint(data: bytes, path: Path) -> Checkpoint:
-    """Parse and validate checkpoint bytes; raise CheckpointError on anything inconsistent."""
-    raw_meta = _read_metadata(data, path)
+def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     try:
-        tensors = load_safetensors(data)
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{path} is damaged or truncated ({exc}); restore it or delete it") from None
-    try:
-        meta = {key: json.loads(value) for key, value in raw_meta.items()}
+        meta = {key: json.loads(value) for key, value in raw.items()}
     except ValueError:
         raise CheckpointError(f"{path} has metadata that is not JSON; it was not written by sparsify") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {meta.get('format')!r}; this sparsify reads format {FORMAT_VERSION}"
         )
+    return meta
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Parse and validate a checkpoint file (without its hash); CheckpointError if inconsistent."""
+    meta = decode_metadata(read_metadata(path), path)
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} is damaged or truncated ({exc}); restore it or delete it") from None
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
     if masks:
         if not isinstance(meta.get("pattern"), dict):
             raise CheckpointError(f"{path} has masks but no pattern in its metadata; it was not written by sparsify")
         check_masks(state, masks, build_pattern(meta["pattern"]), source=path)
-    return Checkpoint(Path(path), state, masks, meta, hashlib.sha256(data).hexdigest())
+    return Checkpoint(Path(path), state, masks, meta)
 
 
 def load_checkpoint(path: Path, *, expected_sha256: str | None = None) -> Checkpoint:
-    """Read a checkpoint file; with `expected_sha256`, refuse a file that was altered."""
+    """Read and check a checkpoint; with `expected_sha256`, refuse a file that was altered.
+
+    The file is hashed in a second thread while it is parsed and checked.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    data = path.read_bytes()
-    if expected_sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected_sha256:
-            raise CheckpointError(
-                f"{path} was altered after it was written (sha256 {actual[:12]}..., history says "
-                f"{expected_sha256[:12]}...); restore it or delete it and the stages after it"
-            )
-    return decode_checkpoint(data, path)
+    digest: list[str] = []
+    hasher = threading.Thread(target=_sha256_of_file, args=(path, digest))
+    hasher.start()
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError:
+        hasher.join()
+        _check_digest(path, digest[0], expected_sha256)
+        raise
+    hasher.join()
+    _check_digest(path, digest[0], expected_sha256)
+    ckpt.sha256 = digest[0]
+    return ckpt
+
+
+def _check_digest(path: Path, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected:
+        raise CheckpointError(
+            f"{path} was altered after it was written (sha256 {actual[:12]}..., history says "
+            f"{expected[:12]}...); restore it or delete it and the stages after it"
+        )
 
 
 class RunDir:

@@ -63,12 +63,20 @@ class BlockPattern:
         """Sum of `values` (weight-shaped) inside each block."""
         cout, cin = values.shape[:2]
         rows, cols = self.mask_shape(values.shape)
-        plane = values.reshape(cout, cin, -1).sum(-1)
-        plane = nn.functional.pad(plane, (0, cols * self.bi - cin, 0, rows * self.bo - cout))
+        plane = values.reshape(cout, cin, -1)
+        plane = plane[:, :, 0] if plane.shape[2] == 1 else plane.sum(-1)
+        if cout % self.bo or cin % self.bi:
+            plane = nn.functional.pad(plane, (0, cols * self.bi - cin, 0, rows * self.bo - cout))
         return plane.reshape(rows, self.bo, cols, self.bi).sum((1, 3))
 
     def group_sizes(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.group_sum(torch.ones(shape, dtype=torch.float64))
+        """Weights per block: block height x block width x kernel taps (tail blocks are shorter)."""
+        rows, cols = self.mask_shape(shape)
+        heights = torch.full((rows,), self.bo, dtype=torch.float64)
+        heights[-1] = shape[0] - self.bo * (rows - 1)
+        widths = torch.full((cols,), self.bi, dtype=torch.float64)
+        widths[-1] = shape[1] - self.bi * (cols - 1)
+        return torch.outer(heights, widths) * math.prod(shape[2:])
 
     def expand(self, mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Element mask of `shape` from the block mask."""
