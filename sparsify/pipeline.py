@@ -192,6 +192,7 @@ def download(config: RunConfig, *, force: bool = False) -> StageResult:
                             f"(the old checkpoints are deleted) or choose another name:")
     started = time.perf_counter()
     shapes = resolve_shapes(config)
+    torch.manual_seed(config.seed)  # random initial weights (and new heads) repeat with the seed
     model = build_model(config.model.arch, num_classes=shapes["num_classes"], in_channels=shapes["in_channels"],
                         weights=config.model.weights, log=log)
     with run.lock("download", create=True):

@@ -152,3 +152,14 @@ def test_shell_loop_as_real_processes(tmp_path):
     assert stages == ["pretrained"] + ["pruned", "trained"] * 3  # the 64x64 conv: 13, 24, 32 of 64 blocks
     assert report["summary"]["sparsity of eligible weights"] == pytest.approx(0.5)
     assert "Traceback" not in done.stderr
+
+
+def test_same_config_and_seed_give_the_same_masks_and_weights(workdir):
+    for name in ("a", "b"):
+        for command in (["download"], ["train"], ["prune"], ["train"]):
+            code, _, err = invoke(*command, "-c", "tiny.yaml", "--set", f"name={name}")
+            assert code == 0, err
+    a = load_file(workdir / "runs/a/checkpoints/003-r01-trained.safetensors")
+    b = load_file(workdir / "runs/b/checkpoints/003-r01-trained.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
