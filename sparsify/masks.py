@@ -24,12 +24,20 @@ class MaskEnforcer:
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], pattern) -> None:
-        params = dict(model.named_parameters())
-        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.pattern = pattern
+        self.params = dict(model.named_parameters())
+        self.masks: dict[str, torch.Tensor] = {}
+        self.elements: dict[str, torch.Tensor] = {}
         for name, mask in masks.items():
-            param = params[name]
-            element = pattern.expand(mask, tuple(param.shape))
-            self.pairs.append((param, element.to(device=param.device, dtype=param.dtype)))
+            self.set_mask(name, mask)
+
+    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Install (or replace) the group mask of one weight; methods that change masks call this."""
+        param = self.params[name]
+        self.masks[name] = mask.to("cpu", torch.bool)
+        element = self.pattern.expand(self.masks[name], tuple(param.shape))
+        self.elements[name] = element.to(device=param.device, dtype=param.dtype)
+        self.pairs = [(self.params[n], e) for n, e in self.elements.items()]
 
     @torch.no_grad()
     def apply_(self) -> None:
