@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
 
-from sparsify.errors import ConfigError
+from sparsify.errors import ConfigError, SparsifyError
 
 
 class _Section(BaseModel):
@@ -69,8 +69,22 @@ PatternConfig = Annotated[
 ]
 
 
+class DsrConfig(_Section):
+    """Dynamic sparse reparameterization (`method: dsr`); defaults are the paper's WRN-28-2 / CIFAR-10 values."""
+
+    prune_count: Optional[int] = Field(default=None, ge=1)  # N_p: weights to prune per step; null: prune_fraction
+    prune_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)  # N_p as a share of the kept weights
+    tolerance: float = Field(default=0.1, ge=0.0, lt=1.0)  # delta: H moves when pruned is off N_p by more
+    threshold: float = Field(default=0.001, gt=0.0)  # H at the start: prune kept weights with |w| < H
+    period: int = Field(default=100, ge=1)  # optimizer steps between reparameterizations at first
+    double_at: list[int] = Field(default_factory=lambda: [25, 80, 140])  # epochs where the period doubles
+    stop_epoch: int = Field(default=190, ge=0)  # no reparameterization from this epoch on
+    budget: Literal["eligible", "all"] = "eligible"  # target counts eligible weights, or all parameters (dst)
+
+
 class SparsityConfig(_Section):
     pattern: PatternConfig = Field(default_factory=BlockPatternConfig)
+    method: str = "static"  # static (masks from prune rounds) | dsr (masks change while training)
     criterion: str = "variance"  # variance | l1 | l2
     target: float = Field(default=0.5, ge=0.0, lt=1.0)  # share of each layer's groups that end up zero
     step: float = Field(default=0.2, gt=0.0, le=1.0)  # share zeroed per round (see step_basis)
@@ -81,6 +95,19 @@ class SparsityConfig(_Section):
     balanced: bool = False  # every output block keeps the same share of its input blocks
     include_linear: bool = False  # Linear layers are eligible too
     exclude: list[str] = Field(default_factory=list)  # globs over parameter names, e.g. ["fc.*"]
+    dsr: DsrConfig = Field(default_factory=DsrConfig)  # used by method: dsr
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str, info: ValidationInfo) -> str:
+        from sparsify.methods import check_method
+
+        pattern = info.data.get("pattern")
+        try:
+            check_method(value, pattern_type=getattr(pattern, "type", "block"))
+        except SparsifyError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class ScheduleConfig(_Section):
