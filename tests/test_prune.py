@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sparsify.criteria import CRITERIA, score_groups
+from sparsify.criteria import CRITERIA, ScoreInputs, score_groups
 from sparsify.errors import SparsifyError
 from sparsify.patterns import PATTERNS, BlockPattern, UnstructuredPattern, build_pattern
 from sparsify.prune import PruneSettings, planned_count, prune_layer, select_zeros, target_zero_count
@@ -111,7 +111,9 @@ def test_variance_with_unstructured_is_refused_with_the_alternatives():
 
 
 def pattern_specs():
-    return [{"type": "block", "block": [4, 4]} if name == "block" else {"type": name} for name in PATTERNS.names()]
+    # nm reaches its layout in one round (step/target do not apply): its invariants are in test_nm.py
+    return [{"type": "block", "block": [4, 4]} if name == "block" else {"type": name}
+            for name in PATTERNS.names() if name != "nm"]
 
 
 @pytest.mark.parametrize("spec", pattern_specs(), ids=lambda s: s["type"])
@@ -122,13 +124,14 @@ def test_invariants_over_every_pattern_and_criterion(spec, criterion, keep):
     pattern = build_pattern(spec)
     torch.manual_seed(1)
     w = torch.randn(12, 10, 3, 3)
+    grad = torch.randn(12, 10, 3, 3)  # a stand-in loss gradient for criterion taylor
     mask = torch.ones(pattern.mask_shape(tuple(w.shape)), dtype=torch.bool)
     s = PruneSettings(pattern, criterion, 0.6, 0.3, "remaining", keep, keep, False)
     target = target_zero_count(tuple(pattern.grid(mask).shape), 0.6, False)
     for _ in range(8):
         masked = w * pattern.expand(mask, tuple(w.shape))
         try:
-            new, entry = prune_layer("w", masked, mask, s)
+            new, entry = prune_layer("w", masked, mask, s, inputs=ScoreInputs("w", taylor=(masked * grad).abs()))
         except SparsifyError:
             assert criterion == "variance" and spec["type"] == "unstructured"
             return
