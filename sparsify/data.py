@@ -6,6 +6,7 @@ Small datasets live in memory as tensors; only ImageFolder decodes images on the
 from __future__ import annotations
 
 import gzip
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from sparsify.cifar import CIFAR_CLASSES, cifar_datasets
 from sparsify.config import DataConfig
 from sparsify.errors import DataError
 
@@ -30,6 +32,24 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 DIGITS_SPLIT_SEED = 0  # fixed, so validation is the same images whatever the run seed
 IMAGEFOLDER_LAYOUT = "imagefolder expects root/train/<class>/<image> and root/val/<class>/<image>"
+TORCHVISION_DECODES = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # torchvision.io; others go to PIL
+AUTO_DECODER = "torchvision"  # data.decoder auto: see bench/imagefolder_decode.py and the README
+
+
+@dataclass(frozen=True)
+class ImagePreset:
+    """How a model wants its images: eval resize then center crop, normalisation, interpolation."""
+
+    crop_size: int
+    resize_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"  # bilinear | bicubic | nearest
+
+
+def default_preset(input_size: int) -> ImagePreset:
+    """ImageNet statistics, resize to input_size / 0.875 then center crop (the classic recipe)."""
+    return ImagePreset(crop_size=input_size, resize_size=int(input_size / 0.875))
 
 
 @dataclass
@@ -49,6 +69,8 @@ def dataset_info(cfg: DataConfig, *, num_classes: int | None = None) -> DatasetI
         return DatasetInfo(num_classes=10, in_channels=1, input_size=28)
     if cfg.dataset == "fake":
         return DatasetInfo(num_classes=num_classes or 10, in_channels=3, input_size=32)
+    if cfg.dataset in ("cifar10", "cifar100"):
+        return DatasetInfo(num_classes=CIFAR_CLASSES[cfg.dataset], in_channels=3, input_size=32)
     if cfg.dataset == "imagefolder":
         train_dir, _ = imagefolder_dirs(cfg.root)
         return DatasetInfo(num_classes=len(class_folders(train_dir)), in_channels=3, input_size=224)
@@ -63,8 +85,16 @@ def build_loaders(
     in_channels: int,
     seed: int,
     pin_memory: bool = False,
+    preset: ImagePreset | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
-    """Train loader (shuffled by a generator seeded with `seed`) and val loader (in order)."""
+    """Train loader (shuffled by a generator seeded with `seed`) and val loader (in order).
+
+    `preset` sets the imagefolder transforms (the model's own eval resize, crop, mean, std).
+    `rank` / `world_size`: each process of a torchrun job loads its own shard of both splits.
+    """
+    check_augment_options(cfg)
     if cfg.dataset == "fake":
         train, val = fake_datasets(
             samples=cfg.fake_samples,
@@ -83,36 +113,103 @@ def build_loaders(
         train, val = fashion_mnist_datasets(
             cfg.root or FASHION_MNIST_ROOT, input_size=input_size, in_channels=in_channels
         )
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        check_in_channels(in_channels, dataset=cfg.dataset)
+        train, val = cifar_datasets(cfg.dataset, cfg.root, input_size=input_size, in_channels=in_channels,
+                                    download=cfg.download, verify_checksums=cfg.verify_checksums)
     elif cfg.dataset == "imagefolder":
         check_in_channels(in_channels, dataset="imagefolder")
-        train, val = imagefolder_datasets(cfg.root, input_size=input_size, in_channels=in_channels)
+        train, val = imagefolder_datasets(
+            cfg, preset=preset or default_preset(input_size), in_channels=in_channels
+        )
     else:
         raise DataError(
             f"unknown dataset {cfg.dataset!r}; use imagefolder, digits, fashion-mnist or fake"
         )
     if cfg.dataset != "fake":
         check_num_classes(num_classes, dataset_classes(train), dataset=cfg.dataset)
+    collate = batch_mixer(cfg, num_classes=num_classes)
     return (
-        make_loader(train, cfg, shuffle=True, seed=seed, pin_memory=pin_memory),
-        make_loader(val, cfg, shuffle=False, seed=seed, pin_memory=pin_memory),
+        make_loader(train, cfg, shuffle=True, seed=seed, pin_memory=pin_memory, collate_fn=collate,
+                    rank=rank, world_size=world_size),
+        make_loader(val, cfg, shuffle=False, seed=seed, pin_memory=pin_memory, rank=rank, world_size=world_size),
     )
 
 
 def make_loader(
-    dataset: Dataset, cfg: DataConfig, *, shuffle: bool, seed: int, pin_memory: bool
+    dataset: Dataset,
+    cfg: DataConfig,
+    *,
+    shuffle: bool,
+    seed: int,
+    pin_memory: bool,
+    collate_fn=None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader with the config's batch size and workers; the shuffle order follows `seed`."""
+    """A DataLoader with the config's batch size and workers; the shuffle order follows `seed`.
+
+    Train: a resumable DistributedSampler (order from seed + epoch, this rank's share); val: this
+    rank's shard in order.
+    """
+    from sparsify.distributed import ResumableDistributedSampler, ShardSampler
+
     generator = torch.Generator().manual_seed(seed)
+    if shuffle:
+        sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+    else:
+        sampler = ShardSampler(dataset, num_replicas=world_size, rank=rank) if world_size > 1 else None
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         drop_last=False,
         num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,
+        prefetch_factor=cfg.prefetch if cfg.workers > 0 else None,
         pin_memory=pin_memory,
         generator=generator,
+        collate_fn=collate_fn,
     )
+
+
+def check_augment_options(cfg: DataConfig) -> None:
+    """Refuse image augmentations on datasets that are not decoded from image files."""
+    if cfg.dataset == "imagefolder":
+        return
+    for key, value, off in (("auto_augment", cfg.auto_augment, None), ("random_erase", cfg.random_erase, 0.0)):
+        if value != off:
+            raise DataError(
+                f"data.{key}={value!r} applies to imagefolder only, not dataset {cfg.dataset}; "
+                f"set data.{key}: {'null' if off is None else off} (mixup_alpha/cutmix_alpha work on any dataset)"
+            )
+
+
+class MixBatch:
+    """Collate a batch, then apply MixUp or CutMix (one of them picked per batch): soft targets."""
+
+    def __init__(self, *, mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> None:
+        from torchvision.transforms import v2
+
+        mixes = []
+        if mixup_alpha > 0:
+            mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch.utils.data import default_collate
+
+        images, labels = default_collate(batch)
+        return self.mix(images, labels)
+
+
+def batch_mixer(cfg: DataConfig, *, num_classes: int) -> MixBatch | None:
+    """The train loader's collate_fn when mixup_alpha or cutmix_alpha is on, else None."""
+    if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
+        return None
+    return MixBatch(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, num_classes=num_classes)
 
 
 def check_in_channels(in_channels: int, *, dataset: str) -> None:
@@ -317,45 +414,104 @@ def class_folders(folder: Path) -> list[str]:
     return classes
 
 
-def imagefolder_transforms(*, input_size: int, in_channels: int, train: bool):
-    """Train: random resized crop + flip; val: resize to size/0.875 + center crop; both normalised."""
-    from torchvision import transforms as T
+def imagefolder_transforms(
+    preset: ImagePreset,
+    *,
+    in_channels: int,
+    train: bool,
+    auto_augment: str | None = None,
+    random_erase: float = 0.0,
+):
+    """Train: random resized crop, flip, optional policy and erasing; val: resize + center crop."""
+    from torchvision.transforms import v2
 
+    mode = v2.InterpolationMode(preset.interpolation)
     if train:
-        steps = [T.RandomResizedCrop(input_size), T.RandomHorizontalFlip()]
+        steps = [v2.RandomResizedCrop(preset.crop_size, interpolation=mode, antialias=True),
+                 v2.RandomHorizontalFlip()]
+        if auto_augment is not None:
+            steps.append(augment_policy(auto_augment, interpolation=mode))
     else:
-        steps = [T.Resize(int(input_size / 0.875)), T.CenterCrop(input_size)]
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+        steps = [v2.Resize(preset.resize_size, interpolation=mode, antialias=True),
+                 v2.CenterCrop(preset.crop_size)]
+    mean, std = preset.mean, preset.std
     if in_channels == 1:
-        steps.append(T.Grayscale(num_output_channels=1))
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+        steps.append(v2.Grayscale(num_output_channels=1))
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if train and random_erase > 0:
+        steps.append(v2.RandomErasing(p=random_erase))
+    return v2.Compose(steps)
 
 
-def open_imagefolder(folder: Path, transform):
+def augment_policy(name: str, *, interpolation):
+    """torchvision's AutoAugment (imagenet), RandAugment (rand), TrivialAugmentWide or AugMix."""
+    from torchvision.transforms import v2
+
+    if name == "imagenet":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)
+    if name == "rand":
+        return v2.RandAugment(interpolation=interpolation)
+    if name == "trivial":
+        return v2.TrivialAugmentWide(interpolation=interpolation)
+    if name == "augmix":
+        return v2.AugMix(interpolation=interpolation)
+    raise DataError(f"unknown data.auto_augment {name!r}; choose imagenet, rand, trivial, augmix or null")
+
+
+def read_image_tensor(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor (C, H, W) with torchvision.io, else with PIL."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    if path.lower().endswith(TORCHVISION_DECODES):
+        with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                return decode_image(read_file(path), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                pass  # a file torchvision.io cannot decode (e.g. an odd JPEG) falls back to PIL
+    from torchvision.datasets.folder import pil_loader
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    return pil_to_tensor(pil_loader(path))
+
+
+def image_reader(decoder: str):
+    """The ImageFolder loader for data.decoder (auto: the faster one on our measurements)."""
+    from torchvision.datasets.folder import pil_loader
+
+    choice = AUTO_DECODER if decoder == "auto" else decoder
+    if choice == "torchvision":
+        return read_image_tensor
+    if choice == "pil":
+        return pil_loader
+    raise DataError(f"unknown data.decoder {decoder!r}; choose auto, pil or torchvision")
+
+
+def open_imagefolder(folder: Path, transform, *, loader):
     """torchvision's ImageFolder over `folder`, its errors turned into DataError."""
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(folder), transform=transform)
+        return ImageFolder(str(folder), transform=transform, loader=loader)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"cannot read image folder {folder}: {exc}; {IMAGEFOLDER_LAYOUT}") from None
 
 
-def imagefolder_datasets(root: str | None, *, input_size: int, in_channels: int):
+def imagefolder_datasets(cfg: DataConfig, *, preset: ImagePreset, in_channels: int):
     """ImageFolder train/val datasets; their class lists must be the same."""
-    train_dir, val_dir = imagefolder_dirs(root)
-    train = open_imagefolder(
-        train_dir, imagefolder_transforms(input_size=input_size, in_channels=in_channels, train=True)
-    )
-    val = open_imagefolder(
-        val_dir, imagefolder_transforms(input_size=input_size, in_channels=in_channels, train=False)
-    )
+    train_dir, val_dir = imagefolder_dirs(cfg.root)
+    loader = image_reader(cfg.decoder)
+    train_tf = imagefolder_transforms(preset, in_channels=in_channels, train=True,
+                                      auto_augment=cfg.auto_augment, random_erase=cfg.random_erase)
+    val_tf = imagefolder_transforms(preset, in_channels=in_channels, train=False)
+    train = open_imagefolder(train_dir, train_tf, loader=loader)
+    val = open_imagefolder(val_dir, val_tf, loader=loader)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         raise DataError(
-            f"train/ and val/ under {root} have different classes (only in train: {only_train[:5]}, "
+            f"train/ and val/ under {cfg.root} have different classes (only in train: {only_train[:5]}, "
             f"only in val: {only_val[:5]}); give both the same class folders"
         )
     return train, val

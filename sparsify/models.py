@@ -22,8 +22,13 @@ from sparsify.registry import Registry
 MODELS: Registry[Callable[[int, int], nn.Module]] = Registry("model")
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
-# torchvision models whose pretrained weights expect their aux heads and transform_input flag.
+# torchvision models with auxiliary heads (trained with them, evaluated on the main head):
+# the heads and the Linear classifier inside each, replaced with the main one.
 AUX_HEAD_ARCHS = {"inception_v3": ("AuxLogits",), "googlenet": ("aux1", "aux2")}
+AUX_CLASSIFIERS = {"inception_v3": ("AuxLogits.fc",), "googlenet": ("aux1.fc2", "aux2.fc2")}
+# In train mode inception_v3's aux head pools a 17x17 map with a 5x5 kernel: 299 px at least.
+MIN_TRAIN_INPUT_SIZE = {"inception_v3": 299}
+FIXED_SIZE_PREFIXES = ("vit_", "maxvit")  # their image size is fixed when they are built
 UNKNOWN_ARCH_HINT = (
     "use a torchvision classification model (e.g. resnet50, inception_v3, convnext_tiny), "
     "a built-in one (tiny_resnet, small_resnet) or pkg.module:factory"
@@ -215,8 +220,9 @@ def torchvision_kwargs(arch: str, weights=None) -> dict:
     kwargs: dict = {}
     if arch in AUX_HEAD_ARCHS:
         # transform_input is a flag, not a tensor: set it the same way with or without weights,
-        # so a model rebuilt from a checkpoint computes what the pretrained one computed.
-        kwargs.update(transform_input=True, aux_logits=weights is not None)
+        # so a model rebuilt from a checkpoint computes what the pretrained one computed; the
+        # aux heads are always built, so both have the same state_dict keys.
+        kwargs.update(transform_input=True, aux_logits=True)
         kwargs["init_weights"] = weights is None
     if weights is not None and arch.startswith("vit_"):
         kwargs["image_size"] = weights.meta["min_size"][0]
@@ -265,13 +271,14 @@ def build_pretrained_torchvision(
             f"torchvision weights {weights!r} do not fit {arch}: {first_line(exc)}; "
             f"delete {cache_file(weights.url)} if it is not the file from {weights.url}"
         ) from None
-    drop_aux_heads_(model, arch)
     log(f"loaded {arch} weights {weights._name_} ({weight_classes} classes)")
     if num_classes != weight_classes:
         head_name, _ = replace_head_(model, num_classes)
+        aux_names = replace_aux_classifiers_(model, arch, num_classes)
+        heads = ", ".join([head_name, *aux_names])
         log(
-            f"replaced head {head_name} ({weight_classes} -> {num_classes} outputs) "
-            "with a freshly initialised layer"
+            f"replaced head {heads} ({weight_classes} -> {num_classes} outputs) "
+            "with freshly initialised layers"
         )
     return model
 
@@ -318,13 +325,29 @@ def rename_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return renamed
 
 
-def drop_aux_heads_(model: nn.Module, arch: str) -> None:
-    """Remove inception_v3/googlenet auxiliary heads so forward returns plain logits."""
-    if arch not in AUX_HEAD_ARCHS:
-        return
-    model.aux_logits = False
-    for name in AUX_HEAD_ARCHS[arch]:
-        setattr(model, name, None)
+def replace_aux_classifiers_(model: nn.Module, arch: str, num_classes: int) -> list[str]:
+    """Swap the Linear classifiers of inception_v3/googlenet aux heads for `num_classes` outputs."""
+    replaced = []
+    for name in AUX_CLASSIFIERS.get(arch, ()):
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            continue  # a model built without aux heads
+        parent_name, _, attr = name.rpartition(".")
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        setattr(model.get_submodule(parent_name), attr, new)
+        replaced.append(name)
+    return replaced
+
+
+def check_train_input_size(arch: str, input_size: int) -> None:
+    """Refuse an input size too small for the architecture's training forward (aux heads)."""
+    smallest = MIN_TRAIN_INPUT_SIZE.get(arch)
+    if smallest is not None and input_size < smallest:
+        raise ModelError(
+            f"{arch} trains its auxiliary head only on inputs of at least {smallest} px, not "
+            f"model.input_size={input_size}; set model.input_size: {smallest} or more"
+        )
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -425,19 +448,28 @@ def load_weights_file(model: nn.Module, path: Path, *, log: Callable[[str], None
     state = strip_prefix(read_weights_file(path), set(own))
     state = drop_absent_aux_keys(state, own)
     skipped = mismatched_head_keys(model, state, own)
+    absent_aux = {k for k in own if k.startswith(aux_prefixes()) and k not in state}
     state = {k: v for k, v in state.items() if k not in skipped}
-    check_keys(path, own, state, skipped)
+    check_keys(path, own, state, skipped | absent_aux)
     model.load_state_dict(state, strict=False)
     log(f"loaded weights from {path}")
     if skipped:
         log(f"re-initialised head {', '.join(sorted(skipped))}: its shape differs from the file's")
+    if absent_aux:
+        heads = sorted({k.split(".")[0] for k in absent_aux})
+        log(f"auxiliary heads {', '.join(heads)} are not in the file: they start freshly initialised")
+
+
+def aux_prefixes() -> tuple[str, ...]:
+    """State-dict key prefixes of the inception_v3/googlenet auxiliary heads."""
+    return tuple(f"{name}." for names in AUX_HEAD_ARCHS.values() for name in names)
 
 
 def drop_absent_aux_keys(
     state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Ignore inception_v3/googlenet auxiliary-head keys when the model has no such heads."""
-    prefixes = tuple(f"{name}." for names in AUX_HEAD_ARCHS.values() for name in names)
+    prefixes = aux_prefixes()
     if any(k.startswith(prefixes) for k in own):
         return state
     return {k: v for k, v in state.items() if not k.startswith(prefixes)}
@@ -450,7 +482,8 @@ def mismatched_head_keys(
     found = find_head(model)
     if found is None:
         return set()
-    keys = {f"{found[0]}.weight", f"{found[0]}.bias"}
+    heads = [found[0], *(n for names in AUX_CLASSIFIERS.values() for n in names)]
+    keys = {f"{head}.{kind}" for head in heads for kind in ("weight", "bias")}
     return {k for k in keys if k in state and k in own and state[k].shape != own[k].shape}
 
 
@@ -476,19 +509,55 @@ def check_keys(
 # ----------------------------------------------------------------------------- defaults
 
 
-def default_input_size(arch: str) -> int | None:
-    """The image size `arch`'s pretrained weights expect (299 for inception_v3), or None."""
-    if arch == "inception_v3":
-        return 299
+def default_input_size(arch: str, *, weights: str | None = None) -> int | None:
+    """The image size `arch` expects: its named weights' crop (DEFAULT's without), or None."""
     if arch in MODELS or ":" in arch or not is_torchvision_arch(arch):
         return None
+    if arch.startswith(FIXED_SIZE_PREFIXES) and (weights is None or looks_like_file(weights)):
+        return 224  # built without named weights, vit/maxvit take their builders' 224 px
+    found = preset_weights(arch, weights)
+    if found is None:
+        return MIN_TRAIN_INPUT_SIZE.get(arch)
+    crop = found.transforms().crop_size
+    size = int(crop[0]) if isinstance(crop, (list, tuple)) else int(crop)
+    return max(size, MIN_TRAIN_INPUT_SIZE.get(arch, 0))
+
+
+def preset_weights(arch: str, weights: str | None):
+    """The torchvision weights whose transforms describe `arch`'s input: named, else DEFAULT."""
     import torchvision
 
+    if weights is not None and not looks_like_file(weights):
+        return resolve_weights(arch, weights)
     try:
-        crop = torchvision.models.get_model_weights(arch).DEFAULT.transforms().crop_size
-    except Exception:
+        return torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, AttributeError, KeyError):
         return None
-    return int(crop[0]) if isinstance(crop, (list, tuple)) else int(crop)
+
+
+def image_preset(arch: str, *, weights: str | None, input_size: int):
+    """The eval resize/crop, mean, std and interpolation of `arch`'s weights at `input_size`.
+
+    None for models without torchvision weights (the data side then uses ImageNet's defaults).
+    With an input size other than the weights' crop, the resize keeps the weights' ratio.
+    """
+    from sparsify.data import ImagePreset
+
+    if arch in MODELS or ":" in arch or not is_torchvision_arch(arch):
+        return None
+    found = preset_weights(arch, weights)
+    if found is None:
+        return None
+    tf = found.transforms()
+    crop = int(tf.crop_size[0]) if isinstance(tf.crop_size, (list, tuple)) else int(tf.crop_size)
+    resize = int(tf.resize_size[0]) if isinstance(tf.resize_size, (list, tuple)) else int(tf.resize_size)
+    return ImagePreset(
+        crop_size=input_size,
+        resize_size=round(resize * input_size / crop),
+        mean=tuple(float(v) for v in tf.mean),
+        std=tuple(float(v) for v in tf.std),
+        interpolation=tf.interpolation.value,
+    )
 
 
 def default_in_channels(arch: str) -> int | None:
@@ -496,3 +565,6 @@ def default_in_channels(arch: str) -> int | None:
     if arch in MODELS or ":" in arch:
         return None
     return 3 if is_torchvision_arch(arch) else None
+
+
+from sparsify import zoo  # noqa: E402,F401  (registers the CIFAR and MNIST models of sparsify.zoo)

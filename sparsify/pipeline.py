@@ -60,17 +60,25 @@ class LoadedRun:
 def resolve_shapes(config: RunConfig) -> dict:
     """num_classes, in_channels and input_size: from the config, else from the dataset/model."""
     from sparsify.data import dataset_info
-    from sparsify.models import default_in_channels, default_input_size
+    from sparsify.models import check_train_input_size, default_in_channels, default_input_size
 
     info = dataset_info(config.data, num_classes=config.model.num_classes)
     input_size = config.model.input_size
     if input_size is None and config.data.dataset == "imagefolder":
-        input_size = default_input_size(config.model.arch) or 224
+        input_size = default_input_size(config.model.arch, weights=config.model.weights) or 224
+    check_train_input_size(config.model.arch, input_size or info.input_size)
     return {
         "num_classes": config.model.num_classes or info.num_classes,
         "in_channels": config.model.in_channels or default_in_channels(config.model.arch) or info.in_channels,
         "input_size": input_size or info.input_size,
     }
+
+
+def image_preset_for(meta: dict):
+    """The image transforms preset of the checkpoint's model (its weights' eval resize and crop)."""
+    from sparsify.models import image_preset
+
+    return image_preset(meta["arch"], weights=meta.get("weights"), input_size=meta["input_size"])
 
 
 def build_model_for(meta: dict) -> nn.Module:
@@ -268,7 +276,7 @@ def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained
         train_loader, val_loader = build_loaders(
             config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
             in_channels=meta["in_channels"], seed=config.seed + len(run.checkpoints()),
-            pin_memory=device.type == "cuda")
+            pin_memory=device.type == "cuda", preset=image_preset_for(meta))
         model = loaded.model.to(device)
         pattern = loaded.pattern or build_pattern(meta["pattern"])
         enforcer = MaskEnforcer(model, loaded.masks, pattern)
@@ -303,7 +311,7 @@ def eval_latest(config: RunConfig) -> StageResult:
         device = resolve_device(config.device)
         _, val_loader = build_loaders(config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
                                       in_channels=meta["in_channels"], seed=config.seed,
-                                      pin_memory=device.type == "cuda")
+                                      pin_memory=device.type == "cuda", preset=image_preset_for(meta))
         metrics = {k: round(v, 4) for k, v in evaluate(loaded.model.to(device), val_loader, device=device,
                                                        limit=config.data.limit_val_batches).items()}
         sparsity = model_sparsity(loaded.checkpoint.state, loaded.masks, loaded.pattern)

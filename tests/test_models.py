@@ -262,21 +262,78 @@ def test_corrupt_cache_file_is_reported(torch_home):
         build_model("resnet18", weights="IMAGENET1K_V1", num_classes=10)
 
 
-def test_pretrained_inception_v3_from_cache(torch_home, logs):
+def fill_cache(torch_home: Path, weights, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Write `model`'s state dict where torch hub caches `weights`; return the state."""
+    target = torch_home / "hub" / "checkpoints" / Path(weights.url).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    torch.save(state, target)
+    return state
+
+
+def same_layout(a: nn.Module, b: nn.Module) -> bool:
+    """True when both state dicts have the same keys with the same shapes."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+def test_pretrained_inception_v3_keeps_aux_head(torch_home, logs):
     weights = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
     source = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    target = torch_home / "hub" / "checkpoints" / Path(weights.url).name
-    target.parent.mkdir(parents=True)
-    torch.save(source.state_dict(), target)
+    fill_cache(torch_home, weights, source)
     model = build_model("inception_v3", weights="DEFAULT", num_classes=10, log=logs.append)
     assert torch.equal(model.Conv2d_1a_3x3.conv.weight, source.Conv2d_1a_3x3.conv.weight)
-    assert model.AuxLogits is None and model.transform_input
-    assert model.fc.out_features == 10
+    assert torch.equal(model.AuxLogits.conv0.conv.weight, source.AuxLogits.conv0.conv.weight)
+    assert model.transform_input and model.aux_logits
+    assert model.fc.out_features == 10 and model.AuxLogits.fc.out_features == 10
+    assert "replaced head fc, AuxLogits.fc (1000 -> 10 outputs)" in logs[-1]
     rebuilt = build_model("inception_v3", num_classes=10)  # as a checkpoint load rebuilds it
-    assert set(rebuilt.state_dict()) == set(model.state_dict())
-    assert rebuilt.AuxLogits is None and rebuilt.transform_input
-    rebuilt.train()
-    assert rebuilt(torch.randn(2, 3, 75, 75)).shape == (2, 10)  # plain logits, no aux tuple
+    assert same_layout(rebuilt, model) and rebuilt.transform_input
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert eval_forward(rebuilt, torch.randn(1, 3, 75, 75)).shape == (1, 10)  # eval: main head only
+
+
+def test_pretrained_googlenet_keeps_aux_heads_and_trains_with_them(torch_home, logs):
+    weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
+    source = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    fill_cache(torch_home, weights, source)
+    model = build_model("googlenet", weights="DEFAULT", num_classes=5, log=logs.append)
+    assert torch.equal(model.aux1.conv.conv.weight, source.aux1.conv.conv.weight)
+    assert [model.fc.out_features, model.aux1.fc2.out_features, model.aux2.fc2.out_features] == [5, 5, 5]
+    assert same_layout(build_model("googlenet", num_classes=5), model)
+    model.train()
+    output = model(torch.randn(2, 3, 32, 32))
+    assert [t.shape for t in output] == [(2, 5)] * 3  # logits, aux_logits2, aux_logits1
+    from sparsify.train import classification_loss
+
+    target = torch.tensor([0, 3])
+    loss, logits = classification_loss(output, target, nn.CrossEntropyLoss())
+    ce = nn.functional.cross_entropy
+    expected = ce(output.logits, target) + 0.4 * (ce(output.aux_logits1, target) + ce(output.aux_logits2, target))
+    assert torch.allclose(loss, expected) and logits is output.logits
+
+
+def test_local_weights_for_inception_with_and_without_aux_heads(tmp_path, logs):
+    source = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    path = tmp_path / "inception.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = build_model("inception_v3", num_classes=10, weights=str(path), log=logs.append)
+    assert torch.equal(model.AuxLogits.conv1.conv.weight, source.AuxLogits.conv1.conv.weight)
+    assert "AuxLogits.fc.weight" in logs[-1] and "fc.weight" in logs[-1]
+    no_aux = {k: v for k, v in source.state_dict().items() if not k.startswith("AuxLogits.")}
+    save_file(no_aux, str(path))
+    model = build_model("inception_v3", num_classes=1000, weights=str(path), log=logs.append)
+    assert torch.equal(model.fc.weight, source.fc.weight)
+    assert logs[-1] == "auxiliary heads AuxLogits are not in the file: they start freshly initialised"
+
+
+def test_inception_refuses_inputs_too_small_for_its_aux_head():
+    from sparsify.models import check_train_input_size
+
+    check_train_input_size("inception_v3", 299)
+    check_train_input_size("googlenet", 32)
+    with pytest.raises(ModelError, match="at least 299 px, not model.input_size=128; set model.input_size: 299"):
+        check_train_input_size("inception_v3", 128)
 
 
 # ----------------------------------------------------------------------------- heads and defaults
@@ -297,10 +354,26 @@ def test_find_head_of_builtin_model():
 def test_default_input_size_and_channels():
     assert default_input_size("inception_v3") == 299
     assert default_input_size("resnet50") == 224
+    assert default_input_size("efficientnet_b3") == 300
+    assert default_input_size("vit_h_14") == 224  # built without weights: the builder's size
+    assert default_input_size("vit_h_14", weights="DEFAULT") == 518
+    assert default_input_size("vit_h_14", weights="IMAGENET1K_SWAG_LINEAR_V1") == 224
     assert default_input_size("tiny_resnet") is None
     assert default_input_size("factory_model:build") is None
     assert default_in_channels("resnet50") == 3
     assert default_in_channels("tiny_resnet") is None
+
+
+def test_image_preset_follows_the_weights():
+    from sparsify.models import image_preset
+
+    preset = image_preset("resnet50", weights="IMAGENET1K_V2", input_size=224)
+    assert (preset.crop_size, preset.resize_size, preset.interpolation) == (224, 232, "bilinear")
+    assert image_preset("resnet50", weights="IMAGENET1K_V1", input_size=224).resize_size == 256
+    preset = image_preset("efficientnet_b0", weights=None, input_size=112)  # DEFAULT's, scaled
+    assert (preset.crop_size, preset.resize_size, preset.interpolation) == (112, 128, "bicubic")
+    assert preset.mean == (0.485, 0.456, 0.406)
+    assert image_preset("tiny_resnet", weights=None, input_size=8) is None
 
 
 def test_tiny_resnet_learns_digits():
