@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
 
+from pydantic import model_validator
+
 from sparsify.errors import ConfigError, SparsifyError
 
 
@@ -40,12 +42,6 @@ class DataConfig(_Section):
     limit_val_batches: Optional[int] = Field(default=None, ge=1)
 
 
-    prefetch: int = Field(default=2, ge=1)  # batches each worker loads ahead (workers > 0)
-    decoder: Literal["auto", "pil", "torchvision"] = "auto"  # imagefolder: how image files are decoded
-    auto_augment: Optional[Literal["imagenet", "rand", "trivial", "augmix"]] = None  # imagefolder train policy
-    random_erase: float = Field(default=0.0, ge=0.0, le=1.0)  # imagefolder train: probability of erasing a patch
-    mixup_alpha: float = Field(default=0.0, ge=0.0)  # > 0: MixUp on train batches (soft targets)
-    cutmix_alpha: float = Field(default=0.0, ge=0.0)  # > 0: CutMix on train batches (soft targets)
 class BlockPatternConfig(_Section):
     type: Literal["block"] = "block"
     block: list[int] = Field(default_factory=lambda: [8, 8])  # [bo, bi]: output x input channels
@@ -62,6 +58,42 @@ class UnstructuredPatternConfig(_Section):
     type: Literal["unstructured"]
 
 
+class NMPatternConfig(_Section):
+    type: Literal["nm"]
+    n: int = Field(default=2, ge=1)  # weights kept in every group
+    m: int = Field(default=4, ge=2)  # group: m consecutive input channels at fixed (cout, kh, kw)
+
+
+class PermuteConfig(_Section):
+    enabled: bool = False  # nm: search input-channel permutations before the first prune
+    time_limit: float = Field(default=15.0, gt=0.0)  # seconds for the whole model's search
+
+
+def apply_nm_rules(sparsity: Any) -> Any:
+    """nm defaults (criterion l1, Linear layers in, target (m-n)/m) and the keys nm refuses."""
+    pattern, given = sparsity.pattern, sparsity.model_fields_set
+    if pattern.type != "nm":
+        if sparsity.permute.enabled:
+            raise ConfigError(f"sparsity.permute applies to pattern nm only, not {pattern.type!r}; "
+                              "set permute.enabled: false or pattern: {type: nm, n: 2, m: 4}")
+        return sparsity
+    if pattern.n >= pattern.m:
+        raise ConfigError(f"sparsity.pattern: nm needs n < m, got {pattern.n}:{pattern.m}; e.g. n: 2, m: 4")
+    target = round((pattern.m - pattern.n) / pattern.m, 6)
+    if "target" in given and abs(sparsity.target - target) > 1e-6:
+        raise ConfigError(f"sparsity.target: pattern {pattern.n}:{pattern.m} zeros {pattern.m - pattern.n} of every "
+                          f"{pattern.m} weights, so its target is {target}; remove target or set it to {target}")
+    if "criterion" in given and sparsity.criterion == "variance":
+        raise ConfigError("sparsity.criterion 'variance' needs groups of several weights and nm scores single "
+                          "weights; use criterion l1 (the default for nm) or l2")
+    sparsity.target = target
+    if "criterion" not in given:
+        sparsity.criterion = "l1"
+    if "include_linear" not in given:
+        sparsity.include_linear = True
+    return sparsity
+
+
 def _pattern_type(value: Any) -> str:
     """`type` picks the pattern class; a pattern section without one is a block pattern."""
     if isinstance(value, dict):
@@ -70,7 +102,11 @@ def _pattern_type(value: Any) -> str:
 
 
 PatternConfig = Annotated[
-    Union[Annotated[BlockPatternConfig, Tag("block")], Annotated[UnstructuredPatternConfig, Tag("unstructured")]],
+    Union[
+        Annotated[BlockPatternConfig, Tag("block")],
+        Annotated[UnstructuredPatternConfig, Tag("unstructured")],
+        Annotated[NMPatternConfig, Tag("nm")],
+    ],
     Discriminator(_pattern_type),
 ]
 
@@ -102,6 +138,11 @@ class SparsityConfig(_Section):
     include_linear: bool = False  # Linear layers are eligible too
     exclude: list[str] = Field(default_factory=list)  # globs over parameter names, e.g. ["fc.*"]
     dsr: DsrConfig = Field(default_factory=DsrConfig)  # used by method: dsr
+    permute: PermuteConfig = Field(default_factory=PermuteConfig)  # nm: channel permutation before pruning
+
+    @model_validator(mode="after")
+    def _nm_rules(self) -> "SparsityConfig":
+        return apply_nm_rules(self)
 
     @field_validator("method")
     @classmethod
@@ -256,7 +297,7 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return section
 
 
-_PATTERN_CLASSES = {"block": BlockPatternConfig, "unstructured": UnstructuredPatternConfig}
+_PATTERN_CLASSES = {"block": BlockPatternConfig, "unstructured": UnstructuredPatternConfig, "nm": NMPatternConfig}
 
 
 def config_to_yaml(config: RunConfig) -> str:

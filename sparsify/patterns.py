@@ -115,6 +115,97 @@ class UnstructuredPattern:
         return mask.reshape(shape).contiguous()
 
 
+@PATTERNS.register("nm")
+@dataclass(frozen=True)
+class NMPattern:
+    """n kept of every m consecutive input channels at fixed (cout, kh, kw); masks are element-level.
+
+    The layout sparse tensor cores need (2:4). A tail of fewer than m channels keeps min(n, tail),
+    as if it were zero-padded to m. One round reaches the pattern: see `select`.
+    """
+
+    n: int = 2
+    m: int = 4
+    name = "nm"
+
+    def spec(self) -> dict:
+        return {"type": "nm", "n": self.n, "m": self.m}
+
+    def ineligible_reason(self, module: nn.Module, shape: tuple[int, ...]) -> str | None:
+        reason = _conv_or_linear_reason(module)
+        if reason:
+            return reason
+        if shape[0] % 8 or shape[1] % 16 or shape[1] % self.m:
+            return f"needs COUT % 8 == 0 and CIN % 16 == 0 for {self.n}:{self.m} (has {shape[0]}x{shape[1]})"
+        return None
+
+    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def grid(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.reshape(mask.shape[0], -1)
+
+    def group_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def group_sizes(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.ones(shape, dtype=torch.float64)
+
+    def expand(self, mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return mask.reshape(shape).contiguous()
+
+    def target_zeros(self, shape: tuple[int, ...]) -> int:
+        """Zeros once every group keeps n (a tail of t < m channels keeps min(n, t))."""
+        cin, rest = shape[1], math.prod(shape) // shape[1]
+        full, tail = divmod(cin, self.m)
+        return rest * (full * (self.m - self.n) + max(0, tail - self.n))
+
+    def select(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Element mask keeping the n best-scoring kept weights of every group (ties: lower channel)."""
+        groups = to_groups(scores.double().masked_fill(~mask, -math.inf), self.m, fill=-math.inf)
+        order = torch.sort(-groups, dim=-1, stable=True).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, order[..., : self.n], True)
+        return from_groups(keep, tuple(mask.shape)) & mask
+
+    def count_violations(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel count of groups with more than n nonzeros."""
+        groups = to_groups(weight.ne(0), self.m, fill=False)
+        return (groups.sum(-1) > self.n).reshape(weight.shape[0], -1).sum(1)
+
+
+def to_groups(values: torch.Tensor, m: int, *, fill) -> torch.Tensor:
+    """(COUT, *taps, ceil(CIN/m), m) view of a (COUT, CIN, *taps) tensor; the tail padded with `fill`."""
+    moved = values.movedim(1, -1)
+    cin = moved.shape[-1]
+    pad = -cin % m
+    if pad:
+        filler = torch.full((*moved.shape[:-1], pad), fill, dtype=moved.dtype)
+        moved = torch.cat([moved, filler], -1)
+    return moved.reshape(*moved.shape[:-1], -1, m)
+
+
+def from_groups(groups: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `to_groups`: back to (COUT, CIN, *taps), dropping the padding."""
+    flat = groups.reshape(*groups.shape[:-2], -1)[..., : shape[1]]
+    return flat.movedim(-1, 1).contiguous()
+
+
+def parse_pattern(text: str) -> dict:
+    """Pattern spec from its short form: '2:4' (nm), '8x8' (block) or 'unstructured'."""
+    text = text.strip().lower()
+    parts = text.replace(":", "x").split("x")
+    if text == "unstructured":
+        return {"type": "unstructured"}
+    if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+        a, b = map(int, parts)
+        if ":" in text and a < b:
+            return {"type": "nm", "n": a, "m": b}
+        if "x" in text:
+            return {"type": "block", "block": [a, b]}
+    raise SparsifyError(f"pattern {text!r} is not understood; write N:M with N < M (2:4), BOxBI (8x8) or unstructured")
+
+
 def build_pattern(spec: dict):
     """Pattern object from its spec (a config section or checkpoint metadata)."""
     spec = dict(spec)
@@ -123,6 +214,10 @@ def build_pattern(spec: dict):
     if kind == "block":
         bo, bi = spec.pop("block", (8, 8))
         pattern = cls(int(bo), int(bi))
+    elif kind == "nm":
+        pattern = cls(int(spec.pop("n", 2)), int(spec.pop("m", 4)))
+        if not 0 < pattern.n < pattern.m:
+            raise SparsifyError(f"pattern nm needs 0 < n < m, got {pattern.n}:{pattern.m}; e.g. n: 2, m: 4")
     else:
         pattern = cls()
     if spec:
@@ -131,6 +226,9 @@ def build_pattern(spec: dict):
 
 
 def describe_pattern(spec: dict) -> str:
+    """Short text of a pattern spec: 'block 8x8', '2:4', 'unstructured'."""
     if spec["type"] == "block":
         return "block {}x{}".format(*spec["block"])
+    if spec["type"] == "nm":
+        return "{}:{}".format(spec.get("n", 2), spec.get("m", 4))
     return spec["type"]
