@@ -40,6 +40,11 @@ class ReportFormat(str, Enum):
     markdown = "markdown"
 
 
+class CheckFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
 def fail(message: str, code: int) -> None:
     typer.secho(f"error: {message}" if code == 1 else message, err=True, fg="red" if code == 1 else "yellow")
     raise typer.Exit(code)
@@ -141,6 +146,23 @@ def report(
     if target is None:
         target = load(config, set_).run_dir
     say(report_mod.render(report_mod.build_report(target), format_.value))
+
+
+@app.command()
+@reports_errors
+def check(
+    path: Annotated[Path, typer.Argument(help="A sparsify checkpoint, or a state dict (.safetensors, .pth, .pt).")],
+    pattern: Annotated[Optional[str], typer.Option(
+        "--pattern", "-p", help="Pattern to verify: 2:4, 8x8, unstructured (default: the checkpoint's).")] = None,
+    format_: Annotated[CheckFormat, typer.Option("--format", "-f", help="Output format.")] = CheckFormat.text,
+) -> None:
+    """Verify that every pruned weight follows the pattern. Exits 0 if it does, 1 if not."""
+    from sparsify import check as check_mod
+
+    result = check_mod.check_file(path, pattern=pattern)
+    say(check_mod.render(result, format_.value))
+    if not result["follows"]:
+        fail(result["reason"], 1)
 
 
 @app.command("config")

@@ -1,0 +1,120 @@
+"""`sparsify check` on what `prune` writes (block and nm), on hand-altered files and on plain state dicts."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from sparsify.check import check_file
+from sparsify.cli import app
+
+CONFIG = textwrap.dedent(
+    """\
+    name: {name}
+    seed: 0
+    device: cpu
+    model: {{arch: tiny_resnet, num_classes: 4}}
+    data: {{dataset: fake, fake_samples: 16, batch_size: 16}}
+    sparsity: {sparsity}
+    """
+)
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def pruned_checkpoint(tmp_path, monkeypatch, name, sparsity):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / f"{name}.yaml").write_text(CONFIG.format(name=name, sparsity=sparsity))
+    assert invoke("download", "-c", f"{name}.yaml")[0] == 0
+    code, out, err = invoke("prune", "-c", f"{name}.yaml")
+    assert code == 0, out + err
+    return sorted((tmp_path / "runs" / name / "checkpoints").iterdir())[-1]
+
+
+def resave_with_a_masked_weight_set(path, out):
+    """Copy a checkpoint, set one masked-out weight to 0.5, keep its metadata."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k[5:] for k, m in tensors.items() if k.startswith("mask.") and not m.all())
+    mask = tensors[f"mask.{name}"]
+    weight = tensors[f"model.{name}"]
+    if mask.shape != weight.shape:  # block masks: expand to one element of the first pruned block
+        r, c = (~mask).nonzero()[0].tolist()
+        weight[r * 8, c * 8].view(-1)[0] = 0.5
+    else:
+        weight[~mask] = torch.where(torch.arange(int((~mask).sum())) == 0, 0.5, 0.0)
+    save_file(tensors, str(out), metadata=meta)
+    return name
+
+
+@pytest.mark.parametrize("name, sparsity", [
+    ("blk", "{pattern: {type: block, block: [8, 8]}, target: 0.5, step: 0.5}"),
+    ("nm", "{pattern: {type: nm, n: 2, m: 4}}"),
+])
+def test_check_passes_on_prune_output_and_catches_a_hand_altered_file(tmp_path, monkeypatch, name, sparsity):
+    path = pruned_checkpoint(tmp_path, monkeypatch, name, sparsity)
+    code, out, err = invoke("check", path)
+    assert code == 0, out + err
+    assert "follows" in out.splitlines()[-1] and "0 violating" in out
+    result = json.loads(invoke("check", path, "--format", "json")[1])
+    assert result["follows"] and result["checked"] >= 2 and result["kind"] == "checkpoint"
+    assert all(layer["sparsity"] >= (0.25 if name == "blk" else 0.5) for layer in result["layers"])
+    if name == "nm":
+        assert result["target"] == 0.5 and result["sparsity"] == 0.5
+        assert invoke("check", path, "--pattern", "1:4")[0] == 1  # 2 of 4 kept is not 1:4
+    altered = tmp_path / "altered.safetensors"
+    layer = resave_with_a_masked_weight_set(path, altered)
+    code, out, err = invoke("check", altered)
+    assert code == 1
+    assert f"{layer} does not follow" in err and "masked weights are not 0.0" in err
+    assert "VIOLATES" in out
+
+
+def dense_state():
+    torch.manual_seed(0)
+    return {"conv.weight": torch.randn(16, 32, 3, 3), "stem.weight": torch.randn(16, 3, 3, 3),
+            "bn.weight": torch.ones(16), "fc.weight": torch.randn(8, 16)}
+
+
+def two_of_four(w):
+    """Zero the 2 smallest |w| of every 4 input channels."""
+    groups = w.movedim(1, -1).reshape(*w.movedim(1, -1).shape[:-1], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, -1).indices, True)
+    return (groups * keep).reshape(w.movedim(1, -1).shape).movedim(-1, 1).contiguous()
+
+
+def test_plain_state_dicts_are_checked_by_shape(tmp_path):
+    state = dense_state()
+    state["conv.weight"], state["fc.weight"] = two_of_four(state["conv.weight"]), two_of_four(state["fc.weight"])
+    good = tmp_path / "good.safetensors"
+    save_file(state, str(good))
+    result = check_file(good, pattern="2:4")
+    assert result["follows"] and result["kind"] == "state dict"
+    assert [layer["parameter"] for layer in result["layers"]] == ["conv.weight", "fc.weight"]
+    assert [s["parameter"] for s in result["skipped"]] == ["stem.weight"]
+    state["conv.weight"][3, 4:8, 1, 1] = torch.tensor([1.0, 2.0, 3.0, 0.0])  # 3 nonzeros in one group
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": state}, bad)
+    code, out, err = invoke("check", bad, "--pattern", "2:4")
+    assert code == 1 and "conv.weight does not follow 2:4: 1 groups of 4 input channels" in err
+    code, out, err = invoke("check", bad, "--pattern", "8x8")
+    assert code == 0 and "conv.weight" in out
+
+
+def test_a_file_without_masks_needs_a_pattern_and_nothing_to_check_fails(tmp_path):
+    path = tmp_path / "stem.safetensors"
+    save_file({"stem.weight": torch.randn(16, 3, 3, 3)}, str(path))
+    code, _, err = invoke("check", path)
+    assert code == 1 and "pass --pattern" in err
+    code, _, err = invoke("check", path, "--pattern", "2:4")
+    assert code == 1 and "no weight that pattern 2:4 applies to" in err
+    code, _, err = invoke("check", path, "--pattern", "2:4:8")
+    assert code == 1 and "N:M" in err
