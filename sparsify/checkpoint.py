@@ -1,7 +1,8 @@
 """Checkpoints (safetensors: weights + masks + JSON metadata) and the run folder that holds them.
 
-File layout: tensor keys `model.<fqn>` for every state_dict entry and `mask.<fqn>` (bool, one
-entry per group) for each pruned weight; every metadata value is JSON text. Writes are atomic
+File layout: tensor keys `model.<fqn>` for every state_dict entry, `mask.<fqn>` (bool, one
+entry per group) for each pruned weight and, for method gumbel, `gumbel.logits.<fqn>` and
+`gumbel.pruned.<fqn>`; every metadata value is JSON text. Writes are atomic
 (temporary file in the same folder, fsync, rename) and a run folder is locked by one command.
 """
 
@@ -88,11 +89,15 @@ def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return out
 
 
-def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict) -> str:
-    """Atomically write a checkpoint; returns the file's sha256 (hashed while the file syncs)."""
+def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict, extra: dict | None = None) -> str:
+    """Atomically write a checkpoint; returns the file's sha256 (hashed while the file syncs).
+
+    `extra` holds method tensors under their full keys (`gumbel.logits.<fqn>`, `gumbel.pruned.<fqn>`).
+    """
     path = Path(path)
     tensors = _cpu_tensors(state, "model.")
     tensors.update(_cpu_tensors(masks, "mask."))
+    tensors.update(_cpu_tensors(extra or {}, ""))
     metadata = {key: json.dumps(value) for key, value in meta.items()}
     metadata["format"] = json.dumps(FORMAT_VERSION)
     tmp = _temporary_path(path)
@@ -148,11 +153,16 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} is damaged or truncated ({exc}); restore it or delete it") from None
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
+    extra = {k: v for k, v in tensors.items() if k.startswith("gumbel.")}
     if masks:
         if not isinstance(meta.get("pattern"), dict):
             raise CheckpointError(f"{path} has masks but no pattern in its metadata; it was not written by sparsify")
         check_masks(state, masks, build_pattern(meta["pattern"]), source=path)
-    return Checkpoint(Path(path), state, masks, meta)
+    if extra:
+        from sparsify.gumbel import check_gumbel_tensors
+
+        check_gumbel_tensors(state, masks, extra, source=path)
+    return Checkpoint(Path(path), state, masks, meta, extra=extra)
 
 
 def load_checkpoint(path: Path, *, expected_sha256: str | None = None) -> Checkpoint:
