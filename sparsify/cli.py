@@ -73,7 +73,29 @@ def load(config: Optional[Path], overrides: Optional[list[str]]):
 
 
 def say(message: str) -> None:
-    typer.echo(message)
+    """A result line on stdout (under torchrun, from rank 0 only)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message)
+
+
+NprocOption = Annotated[
+    Optional[int],
+    typer.Option("--nproc", min=1, help="Launch N local processes through torch.distributed.run (like torchrun).",
+                 show_default=False),
+]
+
+
+def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]], nproc: int, extra: list[str]) -> None:
+    """Run this command again in `nproc` processes through torch.distributed's launcher."""
+    from sparsify.distributed import launch
+
+    load(config, overrides)  # a bad config fails here, once, before any process starts
+    argv = [command, *(["-c", str(config)] if config else [])]
+    for assignment in overrides or []:
+        argv += ["--set", assignment]
+    launch(argv + extra, nproc=nproc)
 
 
 @app.command()
@@ -104,10 +126,13 @@ def train(
     config: ConfigOption = None,
     set_: SetOption = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default: train.epochs).")] = None,
+    nproc: NprocOption = None,
 ) -> None:
     """Finetune the latest checkpoint with its masks enforced, evaluate, save a new checkpoint."""
     from sparsify import pipeline
 
+    if nproc is not None:
+        return relaunch("train", config, set_, nproc, ["--epochs", str(epochs)] if epochs else [])
     say(pipeline.train(load(config, set_), epochs=epochs).message)
 
 
@@ -122,10 +147,12 @@ def eval_(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 @app.command()
 @reports_errors
-def run(config: ConfigOption = None, set_: SetOption = None) -> None:
+def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption = None) -> None:
     """Run the whole schedule (dense epochs, prune+train rounds, final epochs); resumable."""
     from sparsify import pipeline
 
+    if nproc is not None:
+        return relaunch("run", config, set_, nproc, [])
     results = pipeline.run_schedule(load(config, set_))
     say(f"run finished: {len(results)} stage(s) this time; see `sparsify report`")
 
@@ -163,6 +190,34 @@ def check(
     say(check_mod.render(result, format_.value))
     if not result["follows"]:
         fail(result["reason"], 1)
+
+
+class ExportFormat(str, Enum):
+    safetensors = "safetensors"
+    pth = "pth"
+    onnx = "onnx"
+
+
+@app.command()
+@reports_errors
+def export(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    format_: Annotated[ExportFormat, typer.Option("--format", "-f", help="Output format.")] = ExportFormat.safetensors,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="Checkpoint to export (default: the run's latest).", show_default=False)
+    ] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output file (default: <run>/export/<checkpoint>.<format>).",
+                                     show_default=False)
+    ] = None,
+) -> None:
+    """Write a checkpoint as a plain model file: safetensors or pth state_dict, or ONNX."""
+    from sparsify.checkpoint import RunDir
+    from sparsify.export import export_checkpoint
+
+    run = RunDir(load(config, set_).run_dir)
+    say(str(export_checkpoint(run, fmt=format_.value, checkpoint=checkpoint, output=output)))
 
 
 @app.command("config")

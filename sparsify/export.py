@@ -1,0 +1,77 @@
+"""`sparsify export`: the latest (or a given) checkpoint as a plain model file for other tools.
+
+Formats: `safetensors` and `pth` hold the plain `state_dict` (pruned weights are exact zeros), which
+loads into the same torchvision/built-in model with `load_state_dict`; `onnx` is the model graph
+with its weights (needs the optional `onnx` and `onnxscript` packages).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from sparsify.checkpoint import RunDir, atomic_write_bytes, load_checkpoint
+from sparsify.errors import SparsifyError
+from sparsify.patterns import describe_pattern
+
+FORMATS = ("safetensors", "pth", "onnx")
+
+
+def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, output: Path | None = None) -> Path:
+    """Write the checkpoint in `fmt`; returns the written path."""
+    if fmt not in FORMATS:
+        raise SparsifyError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    source = checkpoint or run.latest()
+    if source is None:
+        raise SparsifyError(f"run folder {run.root} has no checkpoint to export; run `sparsify download` first")
+    expected = run.recorded_sha256(source) if checkpoint is None or source.parent == run.checkpoints_dir else None
+    ckpt = load_checkpoint(source, expected_sha256=expected)  # refuses drifted or altered files
+    output = Path(output) if output else run.root / "export" / f"{source.stem}.{fmt}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, WRITERS[fmt](ckpt))
+    return output
+
+
+def export_metadata(meta: dict) -> dict[str, str]:
+    keys = ("arch", "num_classes", "in_channels", "input_size", "round", "stage", "target", "metrics")
+    info = {key: json.dumps(meta.get(key)) for key in keys}
+    info["pattern"] = json.dumps(describe_pattern(meta["pattern"])) if meta.get("pattern") else "null"
+    return info
+
+
+def safetensors_bytes(ckpt) -> bytes:
+    from safetensors.torch import save
+
+    state = {k: v.contiguous() for k, v in ckpt.state.items()}
+    return save(state, metadata=export_metadata(ckpt.meta))
+
+
+def pth_bytes(ckpt) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(dict(ckpt.state), buffer)
+    return buffer.getvalue()
+
+
+def onnx_bytes(ckpt) -> bytes:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise SparsifyError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+    from sparsify.pipeline import rebuild
+
+    meta = ckpt.meta
+    model = rebuild(ckpt).model.eval()
+    size = meta.get("input_size") or 224
+    example = torch.zeros(1, meta["in_channels"], size, size)
+    program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buffer = io.BytesIO()
+    program.save(buffer)
+    return buffer.getvalue()
+
+
+WRITERS = {"safetensors": safetensors_bytes, "pth": pth_bytes, "onnx": onnx_bytes}
