@@ -82,6 +82,18 @@ def build_callbacks(name: str, context: TrainContext) -> list:
     return list(getattr(importlib.import_module(module_name), attr)(context))
 
 
+def callbacks_for(config, model, *, parent_meta: dict, extra: dict | None = None) -> list:
+    """The train callbacks of the config's method for `model` (eligible layers as `prune` sees them)."""
+    from sparsify.patterns import build_pattern
+    from sparsify.prune import find_layers
+
+    s = config.sparsity
+    pattern = build_pattern(s.pattern.model_dump())
+    layers = find_layers(model, pattern, include_linear=s.include_linear, exclude=s.exclude)
+    eligible = [layer.name for layer in layers if layer.reason is None]
+    return build_callbacks(s.method, TrainContext(s, eligible, parent_meta, config.seed, dict(extra or {})))
+
+
 def stage_meta(callbacks: list) -> dict:
     """Checkpoint metadata the callbacks ask for, merged under `method_state`."""
     state: dict = {}

@@ -21,6 +21,7 @@ from sparsify.checkpoint import Checkpoint, RunDir, atomic_write_bytes, load_che
 from sparsify.config import RunConfig, config_hash, config_to_yaml
 from sparsify.errors import CheckpointError, SparsifyError, TargetReached
 from sparsify.masks import MaskEnforcer, full_masks
+from sparsify.methods import METHODS, callbacks_for, stage_meta
 from sparsify.patterns import build_pattern, describe_pattern
 from sparsify.prune import PruneSettings, find_layers, prune_round
 from sparsify.train import OptimConfig, evaluate, resolve_device, train_epochs
@@ -224,6 +225,9 @@ def prune(config: RunConfig) -> StageResult:
         loaded = load_run(run)
         meta = loaded.checkpoint.meta
         check_same_run(config, meta)
+        if not METHODS.get(config.sparsity.method).prune_rounds:
+            raise SparsifyError(f"method {config.sparsity.method} sets the masks while training, so there are no "
+                                "prune rounds; use `sparsify train` or `sparsify run`")
         pattern = build_pattern(config.sparsity.pattern.model_dump())
         s = config.sparsity
         layers = find_layers(loaded.model, pattern, include_linear=s.include_linear, exclude=s.exclude)
@@ -332,6 +336,8 @@ def next_step(run: RunDir, config: RunConfig) -> str:
         return "download"
     stage = _stage_of(latest)
     sched = config.schedule
+    if not METHODS.get(config.sparsity.method).prune_rounds:  # training sets the masks: one stage
+        return "done" if stage == "final" else "train"
     if stage == "pretrained":
         return "dense" if sched.dense_epochs > 0 else "prune"
     if stage == "pruned":
@@ -356,6 +362,8 @@ def run_schedule(config: RunConfig, *, echo=log) -> list[StageResult]:
             return results
         if step == "download":
             result = download(config)
+        elif step == "train":
+            result = train(config, stage="final", command="run")
         elif step == "dense":
             result = train(config, epochs=sched.dense_epochs, command="run")
         elif step == "round":

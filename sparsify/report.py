@@ -21,6 +21,7 @@ from sparsify.prune import find_layers
 LAYER_COLUMNS = ["parameter", "shape", "pattern", "groups_kept", "groups", "sparsity", "change", "eligible"]
 SUMMARY_COLUMNS = ["# total parameters", "# sparse parameters", "# dense parameters",
                    "# nonzero parameters in sparse", "# free parameters", "sparsity"]
+TENSOR_COLUMNS = ["Parameter tensor", "# total", "# nonzero", "sparsity"]  # dst's per-tensor table
 HISTORY_COLUMNS = ["round", "stage", "command", "sparsity", "val_acc1", "val_acc5", "seconds", "time", "checkpoint"]
 
 
@@ -57,7 +58,8 @@ def build_report(target: Path) -> dict:
         "checkpoint": str(path), "arch": meta["arch"], "round": meta["round"], "stage": meta["stage"],
         "pattern": describe_pattern(meta["pattern"]), "criterion": meta.get("criterion"), "target": meta.get("target"),
         "layers": rows,
-        "summary": summarize(model, ckpt.state, ckpt.masks, rows),
+        "summary": summarize(model, ckpt.state, ckpt.masks, rows, pattern=pattern),
+        **dst_breakdown(meta, ckpt.state, ckpt.masks, pattern, order=[layer.name for layer in layers]),
         "constraints": [{"parameter": e[0], "note": e[5]} for e in meta.get("prune_log", []) if e[5]],
         "history": [history_row(e) for e in run.history()] if run else [],
     }
@@ -81,11 +83,11 @@ def layer_row(layer, weight: torch.Tensor, mask: torch.Tensor | None, meta: dict
     return row
 
 
-def summarize(model, state: dict, masks: dict, rows: list[dict]) -> dict:
-    """The dst-style summary: zeros over all parameters, plus 'N/M layers pruned'."""
+def summarize(model, state: dict, masks: dict, rows: list[dict], *, pattern) -> dict:
+    """The dst summary (nonzero = weights the masks keep; sparsity = zeros over all parameters), plus 'N/M layers pruned'."""
     total = sum(p.numel() for p in model.parameters())
     sparse = sum(state[name].numel() for name in masks)
-    nonzero = sum(int(state[name].count_nonzero()) for name in masks)
+    nonzero = sum(kept_weights(state[name], mask, pattern) for name, mask in masks.items())
     eligible = sum(r["eligible"] == "yes" for r in rows)
     pruned = sum(1 for name, mask in masks.items() if not bool(mask.all()))
     return {
@@ -95,6 +97,22 @@ def summarize(model, state: dict, masks: dict, rows: list[dict]) -> dict:
         "sparsity of eligible weights": round(1 - nonzero / sparse, 6) if sparse else 0.0,
         "layers pruned": f"{pruned}/{eligible}",
     }
+
+
+def kept_weights(weight: torch.Tensor, mask: torch.Tensor, pattern) -> int:
+    """Weights inside the groups `mask` keeps (the dst count of nonzero parameters)."""
+    return int(pattern.group_sizes(tuple(weight.shape))[mask].sum())
+
+
+def dst_breakdown(meta: dict, state: dict, masks: dict, pattern, *, order: list[str]) -> dict:
+    """For dsr runs, the dst per-tensor table: {'tensors': rows}; {} for other methods."""
+    if (meta.get("sparsity_config") or {}).get("method") != "dsr":
+        return {}
+    rows = []
+    for name in [n for n in order if n in masks]:
+        total, nonzero = state[name].numel(), kept_weights(state[name], masks[name], pattern)
+        rows.append(dict(zip(TENSOR_COLUMNS, [name, total, nonzero, round(1 - nonzero / total, 6)])))
+    return {"tensors": rows}
 
 
 def history_row(entry: dict) -> dict:
@@ -172,6 +190,13 @@ def render_table(report: dict) -> str:
         summary.add_column(key, justify="right")
     summary.add_row(*[_cell(v) for v in report["summary"].values()])
     console.print(summary)
+    if report.get("tensors"):
+        tensors = Table(title="sparse tensors (dst breakdown)", title_justify="left")
+        for head in TENSOR_COLUMNS:
+            tensors.add_column(head, justify="left" if head == "Parameter tensor" else "right")
+        for row in report["tensors"]:
+            tensors.add_row(*[_cell(v) for v in row.values()])
+        console.print(tensors)
     for item in report["constraints"]:
         console.print(f"constraint: {item['parameter']}: {item['note']}")
     if report["history"]:
@@ -202,6 +227,8 @@ def _markdown_table(head: list[str], rows: list[list[str]]) -> str:
 def render_markdown(report: dict) -> str:
     parts = [f"**{_title(report)}**", "", _markdown_table(_LAYER_HEAD, _display_layers(report)), "",
              _markdown_table(list(report["summary"]), [[_cell(v) for v in report["summary"].values()]])]
+    if report.get("tensors"):
+        parts += ["", _markdown_table(TENSOR_COLUMNS, [[_cell(v) for v in r.values()] for r in report["tensors"]])]
     if report["history"]:
         parts += ["", _markdown_table(_HISTORY_HEAD, _display_history(report))]
     return "\n".join(parts)
