@@ -10,7 +10,8 @@
   the dst tables give). The 3x3 convs inside blocks are `block<g>.<i>.conv1/conv2`, the stem is
   `conv1` and the shortcuts `block<g>.<i>.shortcut`, so `exclude` globs pick them easily.
 - `lenet5`: LeNet-5 (conv 6 and 16 channels 5x5, max-pool, Linear 120-84-classes; 61,706
-  parameters on 28x28 gray images, the first conv padded by 2 as usual for MNIST).
+  parameters on 28x28 gray images, the first conv padded by 2 as usual for MNIST; inputs of 16 px
+  or more, pooled to 5x5 before the Linear layers).
 - `mnist_mlp`: LeNet-300-100 (Linear 784-300-100-classes with ReLU; 266,610 parameters), the
   input average-pooled to 28x28 first so any image size fits.
 """
