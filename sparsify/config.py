@@ -124,14 +124,40 @@ class DsrConfig(_Section):
     budget: Literal["eligible", "all"] = "eligible"  # target counts eligible weights, or all parameters (dst)
 
 
+class RewindConfig(_Section):
+    """Lottery-ticket rewinding: after each prune the kept weights go back to this point."""
+
+    to: Optional[Literal["init", "round0"]] = None  # init: weights at download | round0: after the dense training
+    epoch: Optional[int] = Field(default=None, ge=1)  # or: weights after this many epochs of round 0's training
+
+    @model_validator(mode="after")
+    def _one_point(self) -> "RewindConfig":
+        if (self.to is None) == (self.epoch is None):
+            raise ValueError("rewind takes exactly one of {to: init}, {to: round0} or {epoch: E}")
+        return self
+
+
+class RegroupConfig(_Section):
+    """Regroup (seed 002): after each unstructured prune, masks become unions of dense blocks."""
+
+    enabled: bool = False  # regroup every pruned layer's mask after the prune
+    clusters: int = Field(default=8, ge=1)  # row clusters per layer (the seed's cn)
+    growth: float = Field(default=1.5, gt=0.0)  # block widens until > growth x every row's weights outside it (t1)
+    split_rows: int = Field(default=32, ge=1)  # a cluster with more rows becomes two blocks (nn)
+    min_rows: int = Field(default=16, ge=0)  # a cluster with at most this many rows is dropped (B2)
+
+
 class SparsityConfig(_Section):
     pattern: PatternConfig = Field(default_factory=BlockPatternConfig)
     method: str = "static"  # static (masks from prune rounds) | dsr (masks change while training)
-    criterion: str = "variance"  # variance | l1 | l2
+    criterion: str = "variance"  # variance | l1 | l2 | taylor | random
     target: float = Field(default=0.5, ge=0.0, lt=1.0)  # share of each layer's groups that end up zero
     step: float = Field(default=0.2, gt=0.0, le=1.0)  # share zeroed per round (see step_basis)
     step_basis: Literal["remaining", "target"] = "remaining"
-    scope: Literal["layer"] = "layer"
+    scope: Literal["layer", "global"] = "layer"  # global: one ranking over all eligible layers (unstructured)
+    criterion_batches: int = Field(default=8, ge=1)  # taylor: training batches whose gradients are accumulated
+    rewind: Optional[RewindConfig] = None  # null | {to: init} | {to: round0} | {epoch: E}
+    regroup: RegroupConfig = Field(default_factory=RegroupConfig)  # unstructured: dense blocks after each prune
     keep_rows: bool = True  # no output block loses all its input blocks
     keep_cols: bool = True  # no input block is dropped by every output block
     balanced: bool = False  # every output block keeps the same share of its input blocks

@@ -24,6 +24,8 @@ from sparsify.masks import MaskEnforcer, full_masks
 from sparsify.methods import METHODS, callbacks_for, stage_meta
 from sparsify.patterns import build_pattern, describe_pattern
 from sparsify.prune import PruneSettings, find_layers, prune_round
+from sparsify.regroup import describe_regroup, imp_at_target, regroup_round
+from sparsify.rewind import rewind_model_, rewind_state
 from sparsify.train import OptimConfig, evaluate, resolve_device, train_epochs
 
 
@@ -143,6 +145,8 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
         "created": now(),
         "prune_log": base.get("prune_log", []) if base.get("round") == round_ else [],
     }
+    if base.get("regroup") and base.get("round") == round_:
+        meta["regroup"] = base["regroup"]  # the round's regroup statistics stay with its later checkpoints
     meta.update(extra_meta or {})
     sha = save_checkpoint(path, state, masks, meta)
     pattern = build_pattern(pattern_spec)
@@ -237,24 +241,55 @@ def prune(config: RunConfig) -> StageResult:
         masks = full_masks(loaded.model, eligible, pattern)
         masks.update({n: m for n, m in loaded.masks.items() if n in masks})
         settings = PruneSettings(pattern, s.criterion, s.target, s.step, s.step_basis,
-                                 s.keep_rows, s.keep_cols, s.balanced)
+                                 s.keep_rows, s.keep_cols, s.balanced, s.scope)
         weights = dict(loaded.model.named_parameters())
-        new_masks, entries = prune_round(weights, masks, settings)
+        if s.regroup.enabled and (meta.get("regroup") or {}).get("imp_at_target"):
+            raise TargetReached(f"the last prune reached the target ({s.target:.0%}) before regroup; "
+                                "nothing left to prune")
+        taylor = taylor_saliency(config, loaded, masks, pattern) if s.criterion == "taylor" else None
+        new_masks, entries = prune_round(weights, masks, settings, seed=config.seed, round_=meta["round"] + 1,
+                                         taylor=taylor)
         zeroed = sum(e.zeros_after - e.zeros_before for e in entries)
         if zeroed == 0:
             raise TargetReached(_target_message(entries, s.target))
+        regroup_meta = {}
+        if s.regroup.enabled:
+            new_masks, regroup_meta["regroup"] = regroup_round(
+                new_masks, pattern, s.regroup, at_target=imp_at_target(entries, scope=s.scope, target=s.target))
+        if s.rewind is not None:  # kept weights back to the rewind point (BatchNorm state included)
+            rewind_model_(loaded.model, rewind_state(run, s.rewind), new_masks, pattern)
         MaskEnforcer(loaded.model, new_masks, pattern).apply_()
         save_resolved_config(run, config)
         round_ = meta["round"] + 1
         layer_log = [[e.name, e.groups, e.zeros_before, e.zeros_after, e.target_zeros, e.note] for e in entries]
         result = write_stage(run, config, command="prune", parent=loaded.checkpoint, model=loaded.model,
                              masks=new_masks, round_=round_, stage="pruned", metrics={}, started=started,
-                             extra_meta={"pattern": pattern.spec(), "prune_log": layer_log})
+                             extra_meta={"pattern": pattern.spec(), "prune_log": layer_log, **regroup_meta})
     blocked = [e for e in entries if e.note]
     result.message = (f"round {round_}: zeroed {zeroed} groups in {sum(e.zeros_after > e.zeros_before for e in entries)}"
                       f"/{len(entries)} layers; sparsity {result.sparsity:.2%} of eligible weights"
-                      + (f"; {len(blocked)} layers limited by constraints" if blocked else ""))
+                      + (f"; {len(blocked)} layers limited by constraints" if blocked else "")
+                      + (f"; {describe_regroup(regroup_meta['regroup'])}" if regroup_meta else ""))
     return result
+
+
+def taylor_saliency(config: RunConfig, loaded: LoadedRun, masks: dict, pattern) -> dict[str, torch.Tensor]:
+    """Criterion taylor: |w * dL/dw| over `criterion_batches` training batches, with the masks applied."""
+    from sparsify.criteria import accumulate_taylor
+    from sparsify.data import build_loaders
+
+    meta = loaded.checkpoint.meta
+    device = resolve_device(config.device)
+    train_loader, _ = build_loaders(config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
+                                    in_channels=meta["in_channels"], seed=config.seed + meta["round"] + 1,
+                                    pin_memory=False, preset=image_preset_for(meta))
+    model = loaded.model.to(device)
+    MaskEnforcer(model, masks, pattern).apply_()
+    try:
+        return accumulate_taylor(model, train_loader, names=list(masks), limit=config.sparsity.criterion_batches,
+                                 device=device)
+    finally:
+        loaded.model.cpu()
 
 
 def _target_message(entries, target: float) -> str:

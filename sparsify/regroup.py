@@ -46,6 +46,7 @@ class RegroupResult:
         return {
             "blocks": len(self.blocks),
             "block_sizes": [[int(r.size), int(c.size)] for r, c in self.blocks],
+            "weights": int(before.size),
             "density_before": round(float(before.mean()), 6),
             "density_after": round(float(self.mask.mean()), 6),
             "added": int((self.mask & ~before).sum()),
@@ -207,3 +208,30 @@ def regroup_masks(
         new_masks[name] = torch.from_numpy(result.mask).reshape(mask.shape).clone()
         stats.append({"parameter": name, **result.stats(before)})
     return new_masks, stats
+
+
+def imp_at_target(entries, *, scope: str, target: float) -> bool:
+    """True when the round's prune (before regroup) reached the target: the last IMP round."""
+    if scope == "global":
+        total = sum(e.groups for e in entries)
+        return sum(e.zeros_after for e in entries) >= math.floor(target * total + 1e-9)
+    return all(e.zeros_after >= e.target_zeros for e in entries)
+
+
+def regroup_round(masks: dict[str, torch.Tensor], pattern, cfg, *, at_target: bool) -> tuple[dict, dict]:
+    """Regroup the round's masks; returns them and the `regroup` metadata of the pruned checkpoint."""
+    new, stats = regroup_masks(masks, pattern, clusters=cfg.clusters, growth=cfg.growth,
+                               split_rows=cfg.split_rows, min_rows=cfg.min_rows)
+    return new, {"layers": stats, "imp_at_target": at_target}
+
+
+def describe_regroup(info: dict) -> str:
+    """One line: blocks, density before and after, weights added and removed."""
+    layers = info["layers"]
+    total = max(sum(s["weights"] for s in layers), 1)
+    before = sum(s["density_before"] * s["weights"] for s in layers) / total
+    after = sum(s["density_after"] * s["weights"] for s in layers) / total
+    blocks = sum(s["blocks"] for s in layers)
+    added, removed = sum(s["added"] for s in layers), sum(s["removed"] for s in layers)
+    return (f"regroup: {blocks} dense blocks in {sum(s['blocks'] > 0 for s in layers)}/{len(layers)} layers, "
+            f"{added} weights added and {removed} removed (density {before:.2%} -> {after:.2%})")

@@ -74,3 +74,96 @@ def test_global_scope_refuses_block_patterns_and_balanced():
         prune_round(weights, {"a": torch.ones(2, 2, dtype=torch.bool)}, imp_settings(pattern=BlockPattern(4, 4)))
     with pytest.raises(SparsifyError, match="balanced"):
         prune_round(weights, full(weights), imp_settings(balanced=True))
+
+
+# ---------------------------------------------------------------- through the stages
+
+
+from sparsify.checkpoint import load_checkpoint  # noqa: E402
+from sparsify.config import load_config  # noqa: E402
+from sparsify import pipeline  # noqa: E402
+from sparsify.errors import TargetReached  # noqa: E402
+
+IMP = [
+    "name=imp", "seed=0", "device=cpu", "model.arch=tiny_resnet", "model.num_classes=4", "model.input_size=8",
+    "data.dataset=fake", "data.fake_samples=16", "data.batch_size=8", "train.lr=0.05",
+    "sparsity.pattern={type: unstructured}", "sparsity.criterion=l1", "sparsity.scope=global",
+    "sparsity.target=0.6", "sparsity.step=0.2", "sparsity.exclude=[conv1.weight]",
+]
+
+
+def imp_config(tmp_path, *extra):
+    return load_config(None, [f"runs_dir={tmp_path / 'runs'}", *IMP, *extra])
+
+
+def ckpt(config, index):
+    return load_checkpoint(sorted((config.run_dir / "checkpoints").iterdir())[index])
+
+
+def assert_rewound(pruned, point):
+    """Kept weights and every other state entry equal the rewind point; pruned weights are 0."""
+    for key, value in pruned.state.items():
+        expected = point.state[key] * pruned.masks[key] if key in pruned.masks else point.state[key]
+        assert torch.equal(value, expected), key
+
+
+@pytest.mark.parametrize("point", ["init", "round0"])
+def test_prune_rewinds_kept_weights_and_batchnorm_to_the_rewind_point(tmp_path, point):
+    config = imp_config(tmp_path, f"sparsity.rewind={{to: {point}}}")
+    pipeline.download(config)
+    pipeline.train(config, epochs=1)
+    pipeline.prune(config)
+    first = ckpt(config, 2)
+    assert_rewound(first, ckpt(config, 0 if point == "init" else 1))
+    assert not torch.equal(ckpt(config, 0).state["bn1.running_mean"], ckpt(config, 1).state["bn1.running_mean"])
+    pipeline.prune(config)  # round 2 rewinds to the same point, with the smaller masks
+    second = ckpt(config, 3)
+    assert_rewound(second, ckpt(config, 0 if point == "init" else 1))
+    saved = load_checkpoint(config.run_dir / "rewind.safetensors")
+    assert saved.meta["rewind"] == point and not saved.masks
+
+
+def test_rewind_epoch_saves_the_weights_after_that_epoch_of_round_0(tmp_path):
+    config = imp_config(tmp_path, "sparsity.rewind={epoch: 1}")
+    pipeline.download(config)
+    with pytest.raises(SparsifyError, match="was not saved"):
+        pipeline.prune(config)
+    pipeline.train(config, epochs=2)
+    one_epoch = imp_config(tmp_path, "name=imp1")
+    pipeline.download(one_epoch)
+    pipeline.train(one_epoch, epochs=1)  # the same first epoch, stopped there
+    saved = load_checkpoint(config.run_dir / "rewind.safetensors")
+    assert saved.meta["rewind"] == "epoch 1"
+    reference = ckpt(one_epoch, 1).state
+    assert all(torch.allclose(saved.state[k].double(), reference[k].double(), atol=1e-6) for k in reference)
+    assert not torch.equal(saved.state["conv1.weight"], ckpt(config, 1).state["conv1.weight"])
+    pipeline.prune(config)
+    assert_rewound(ckpt(config, 2), saved)
+
+
+def test_global_imp_with_regroup_records_blocks_and_stops_after_the_target(tmp_path):
+    config = imp_config(tmp_path, "sparsity.regroup={enabled: true, clusters: 2, min_rows: 2}",
+                        "sparsity.keep_rows=false", "sparsity.keep_cols=false")
+    pipeline.download(config)
+    rounds = 0
+    with pytest.raises(TargetReached):
+        for rounds in range(1, 20):
+            result = pipeline.prune(config)
+            assert "regroup:" in result.message
+    pruned = ckpt(config, -1)
+    info = pruned.meta["regroup"]
+    # regroup of random weights removes more than it adds, so the target comes early: round 3 stops
+    assert rounds == 3 and info["imp_at_target"] is False and pruned.meta["round"] == 2
+    for layer in info["layers"]:
+        mask = pruned.masks[layer["parameter"]]
+        assert layer["density_after"] == pytest.approx(float(mask.float().mean()), abs=1e-6)
+        assert sum(r * c for r, c in layer["block_sizes"]) == int(mask.sum())  # blocks share no row
+
+
+def test_taylor_prune_scores_with_gradients_of_training_batches(tmp_path):
+    config = imp_config(tmp_path, "sparsity.criterion=taylor", "sparsity.criterion_batches=2")
+    pipeline.download(config)
+    result = pipeline.prune(config)
+    total = sum(m.numel() for m in ckpt(config, 1).masks.values())
+    assert sum(int((~m).sum()) for m in ckpt(config, 1).masks.values()) == math.ceil(0.2 * total)
+    assert result.round == 1
