@@ -274,3 +274,122 @@ def test_imagefolder_empty_class_folder(tmp_path):
     cfg = DataConfig(dataset="imagefolder", root=str(root))
     with pytest.raises(DataError, match="cannot read image folder"):
         build_loaders(cfg, input_size=32, num_classes=2, in_channels=3, seed=0)
+
+
+# ----------------------------------------------------------------------------- imagefolder: decoders, presets, augmentation
+
+
+def write_jpeg_tree(root: Path, *, classes=("cat", "dog"), per_class: int = 3) -> Path:
+    """Smooth colour JPEGs (and one gray one) under root/train and root/val."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:48, 0:64].astype(np.float32)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                phase = rng.uniform(0, 6)
+                planes = [np.sin(0.1 * x + phase), np.cos(0.08 * y + phase), np.sin(0.05 * (x + y))]
+                pixels = (127 + 100 * np.stack(planes, -1)).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                image = image.convert("L") if i == 0 else image
+                image.save(folder / f"{i}.jpg", quality=95)
+    return root
+
+
+def imagefolder_loaders(root: Path, *, num_classes: int = 2, preset=None, **fields):
+    cfg = DataConfig(dataset="imagefolder", root=str(root), batch_size=4, **fields)
+    return build_loaders(cfg, input_size=32, num_classes=num_classes, in_channels=3, seed=0, preset=preset)
+
+
+@pytest.fixture
+def jpeg_root(tmp_path) -> Path:
+    return write_jpeg_tree(tmp_path / "jpeg")
+
+
+def test_decoders_give_the_same_images(jpeg_root):
+    from sparsify.data import AUTO_DECODER, image_reader, read_image_tensor
+
+    outputs = {}
+    for decoder in ("pil", "torchvision", "auto"):
+        _, val = imagefolder_loaders(jpeg_root, decoder=decoder)
+        outputs[decoder] = concat(val)
+    pil_x, torchvision_x = outputs["pil"][0], outputs["torchvision"][0]
+    assert pil_x.shape == torchvision_x.shape == (6, 3, 32, 32)
+    # same JPEG decoder library underneath; the resize differs by a few grey levels at most
+    assert (pil_x - torchvision_x).abs().mean() < 0.02
+    assert torch.equal(outputs["auto"][0], outputs[AUTO_DECODER][0])
+    assert image_reader("torchvision") is read_image_tensor
+    gray = read_image_tensor(str(jpeg_root / "val" / "cat" / "0.jpg"))
+    assert gray.shape == (3, 48, 64) and gray.dtype == torch.uint8
+
+
+def test_torchvision_decoder_falls_back_to_pil_for_other_formats(tmp_path):
+    from sparsify.data import read_image_tensor
+
+    pixels = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    Image.fromarray(pixels).save(tmp_path / "a.bmp")
+    assert torch.equal(read_image_tensor(str(tmp_path / "a.bmp")), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_preset_sets_the_eval_resize_and_normalisation(jpeg_root):
+    from sparsify.data import ImagePreset
+
+    plain = concat(imagefolder_loaders(jpeg_root)[1])[0]
+    preset = ImagePreset(crop_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                         interpolation="bicubic")
+    wide = concat(imagefolder_loaders(jpeg_root, preset=preset)[1])[0]
+    assert wide.shape == plain.shape and not torch.allclose(wide, plain)
+    assert wide.min() >= -1.0 - 1e-6 and wide.max() <= 1.0 + 1e-6  # (x - 0.5) / 0.5 of [0, 1]
+
+
+@pytest.mark.parametrize("policy", ["imagenet", "rand", "trivial", "augmix"])
+def test_auto_augment_policies(jpeg_root, policy):
+    train, _ = imagefolder_loaders(jpeg_root, auto_augment=policy, random_erase=1.0)
+    steps = [type(t).__name__ for t in train.dataset.transform.transforms]
+    expected = {"imagenet": "AutoAugment", "rand": "RandAugment", "trivial": "TrivialAugmentWide",
+                "augmix": "AugMix"}[policy]
+    assert expected in steps and steps[-1] == "RandomErasing"
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (4,)
+
+
+def test_random_erase_erases_a_patch(jpeg_root):
+    torch.manual_seed(0)
+    train, _ = imagefolder_loaders(jpeg_root, random_erase=1.0)
+    x, _ = next(iter(train))
+    assert all(bool((image == 0).all(0).any()) for image in x)  # each image has an erased (zero) area
+    plain, _ = imagefolder_loaders(jpeg_root)
+    assert "RandomErasing" not in [type(t).__name__ for t in plain.dataset.transform.transforms]
+
+
+def test_image_augmentations_are_refused_outside_imagefolder():
+    with pytest.raises(DataError, match="data.auto_augment='rand' applies to imagefolder only.*set data.auto_augment: null"):
+        loaders("digits", auto_augment="rand")
+    with pytest.raises(DataError, match="data.random_erase=0.25 applies to imagefolder only.*set data.random_erase: 0.0"):
+        loaders("digits", random_erase=0.25)
+
+
+@pytest.mark.parametrize("fields", [{"mixup_alpha": 0.2}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}])
+def test_mixup_cutmix_give_soft_targets(fields):
+    torch.manual_seed(0)
+    train, val = loaders("digits", batch_size=16, **fields)
+    x, y = next(iter(train))
+    assert x.shape == (16, 1, 8, 8) and y.shape == (16, 10) and y.dtype == torch.float32
+    assert torch.allclose(y.sum(1), torch.ones(16))
+    assert bool(((y > 0).sum(1) >= 1).all()) and bool((y.max(1).values < 1).any())  # some rows are mixed
+    vx, vy = next(iter(val))
+    assert vy.shape == (16,) and vy.dtype == torch.int64  # validation keeps hard labels
+
+
+def test_mixup_works_with_workers_and_imagefolder(jpeg_root):
+    train, _ = imagefolder_loaders(jpeg_root, num_classes=3, mixup_alpha=1.0, workers=1, prefetch=3)
+    assert train.prefetch_factor == 3 and train.num_workers == 1
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4, 3) and torch.allclose(y.sum(1), torch.ones(4))
+    assert bool((y[:, 2] == 0).all())  # no image of the third (empty) class
+
+
+def test_prefetch_only_with_workers():
+    train, _ = loaders("digits", prefetch=4)
+    assert train.num_workers == 0 and train.prefetch_factor is None
