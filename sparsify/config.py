@@ -190,13 +190,33 @@ class ScheduleConfig(_Section):
     max_rounds: int = Field(default=100, ge=1)  # safety cap for `sparsify run`
 
 
+class EmaConfig(_Section):
+    decay: float = Field(default=0.9999, gt=0.0, lt=1.0)  # per update: ema = decay * ema + (1 - decay) * weights
+    every: int = Field(default=32, ge=1)  # optimizer steps between EMA updates
+
+
 class TrainConfig(_Section):
     epochs: int = Field(default=1, ge=1)  # per `sparsify train` unless --epochs is given
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.001, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0001, ge=0.0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # within one train stage
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"  # within one train stage
+    lr_steps: list[int] = Field(default_factory=list)  # step schedule: epochs (of the stage) where lr *= lr_gamma
+    lr_gamma: float = Field(default=0.1, gt=0.0)  # step schedule: factor at each of lr_steps
+    warmup_epochs: float = Field(default=0.0, ge=0.0)  # linear warmup from lr/steps to lr over these epochs
+    warmup_steps: Optional[int] = Field(default=None, ge=0)  # the same in optimizer steps (wins over warmup_epochs)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)  # cross-entropy label smoothing
+    clip_grad_norm: Optional[float] = Field(default=None, gt=0.0)  # clip the global gradient norm; null: off
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 adds a GradScaler
+    channels_last: bool = False  # NHWC memory format for model and images
+    compile: bool = False  # torch.compile the model (slow first steps)
+    ema: Optional[EmaConfig] = None  # exponential moving average of the weights; null: off
+    deterministic: bool = False  # deterministic kernels and seeded workers (bit-exact resume)
+    save_every_steps: Optional[int] = Field(default=None, ge=1)  # write train-state every N steps; null: off
+    save_every_minutes: Optional[float] = Field(default=10.0, gt=0.0)  # ... and/or every N minutes; null: off
+    log_every: int = Field(default=50, ge=1)  # steps between rows of metrics.csv
+    tensorboard: bool = False  # also log to runs/<name>/tensorboard (needs the tensorboard package)
 
 
 class RunConfig(_Section):

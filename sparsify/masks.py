@@ -28,6 +28,7 @@ class MaskEnforcer:
         self.params = dict(model.named_parameters())
         self.masks: dict[str, torch.Tensor] = {}
         self.elements: dict[str, torch.Tensor] = {}
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
         for name, mask in masks.items():
             self.set_mask(name, mask)
 

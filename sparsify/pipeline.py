@@ -7,6 +7,7 @@ finished stage.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from sparsify.train import OptimConfig, evaluate, resolve_device, train_epochs
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Progress for people, on stderr; under torchrun only rank 0 speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -301,40 +304,40 @@ def _target_message(entries, target: float) -> str:
 
 
 def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained", command: str = "train") -> StageResult:
-    """Finetune the latest checkpoint with masks enforced, evaluate, save."""
-    from sparsify.data import build_loaders
+    """Finetune the latest checkpoint with masks enforced, evaluate, save (on every torchrun rank)."""
+    from sparsify.distributed import distributed_session, main_holds, run_on_main
+    from sparsify.trainstage import finetune
 
-    run = RunDir(config.run_dir)
-    with run.lock(command):
-        started = time.perf_counter()
-        loaded = load_run(run)
-        meta = loaded.checkpoint.meta
-        check_same_run(config, meta)
-        device = resolve_device(config.device)
-        torch.manual_seed(config.seed + len(run.checkpoints()))
-        train_loader, val_loader = build_loaders(
-            config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
-            in_channels=meta["in_channels"], seed=config.seed + len(run.checkpoints()),
-            pin_memory=device.type == "cuda", preset=image_preset_for(meta))
-        model = loaded.model.to(device)
-        pattern = loaded.pattern or build_pattern(meta["pattern"])
-        enforcer = MaskEnforcer(model, loaded.masks, pattern)
-        t = config.train
-        cfg = OptimConfig(t.optimizer, t.lr, t.momentum, t.weight_decay, t.lr_schedule)
-        n_epochs = epochs or t.epochs
-        log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}, "
-            f"{len(loaded.masks)} masked layers")
-        metrics = train_epochs(model, train_loader, enforcer=enforcer, cfg=cfg, epochs=n_epochs, device=device,
-                               limit=config.data.limit_train_batches, log=log)
-        metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches))
-        metrics = {k: round(v, 4) for k, v in metrics.items()}
-        metrics["epochs"] = n_epochs
-        save_resolved_config(run, config)
-        result = write_stage(run, config, command=command, parent=loaded.checkpoint, model=model.cpu(),
-                             masks=loaded.masks, round_=meta["round"], stage=stage, metrics=metrics,
-                             started=started)
+    with distributed_session(config.device) as (info, device):
+        run = RunDir(config.run_dir)
+        with main_holds(run.lock(command)):
+            started = time.perf_counter()
+            loaded = load_run(run)
+            meta = loaded.checkpoint.meta
+            check_same_run(config, meta)
+            n_epochs = epochs or config.train.epochs
+            log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}"
+                f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked layers")
+            done = finetune(config, run, loaded, epochs=n_epochs, device=device, info=info, log=log,
+                            preset=image_preset_for(meta))
+            metrics = {k: round(v, 4) for k, v in done.metrics.items()}
+            metrics["epochs"] = n_epochs
+            result = run_on_main(write_trained, run, config, command=command, parent=loaded.checkpoint,
+                                 done=done, metrics=metrics, stage=stage, started=started)
     result.message = (f"round {result.round} {stage}: val top-1 {metrics['val_acc1']:.2f}%, "
                       f"top-5 {metrics['val_acc5']:.2f}%, sparsity {result.sparsity:.2%}")
+    return result
+
+
+def write_trained(run: RunDir, config: RunConfig, *, command: str, parent: Checkpoint, done, metrics: dict,
+                  stage: str, started: float) -> StageResult:
+    """Rank 0: the trained checkpoint (with the masks training ended with), then drop the train-state."""
+    from sparsify.trainstage import TRAIN_STATE
+
+    save_resolved_config(run, config)
+    result = write_stage(run, config, command=command, parent=parent, model=done.model, masks=done.masks,
+                         round_=parent.meta["round"], stage=stage, metrics=metrics, started=started)
+    (run.root / TRAIN_STATE).unlink(missing_ok=True)
     return result
 
 
@@ -387,7 +390,17 @@ def _stage_of(path: Path) -> str:
 
 
 def run_schedule(config: RunConfig, *, echo=log) -> list[StageResult]:
-    """The whole schedule in one process; resumable from the last finished stage."""
+    """The whole schedule in one process (or one torchrun job); resumable from the last finished stage."""
+    from sparsify.distributed import distributed_session
+
+    with distributed_session(config.device):
+        return schedule_stages(config, echo=echo)
+
+
+def schedule_stages(config: RunConfig, *, echo=log) -> list[StageResult]:
+    """The loop of `run_schedule`: download and prune on rank 0 only, train on every rank."""
+    from sparsify.distributed import run_on_main
+
     results: list[StageResult] = []
     run = RunDir(config.run_dir)
     sched = config.schedule
@@ -396,7 +409,7 @@ def run_schedule(config: RunConfig, *, echo=log) -> list[StageResult]:
         if step == "done":
             return results
         if step == "download":
-            result = download(config)
+            result = run_on_main(download, config)
         elif step == "train":
             result = train(config, stage="final", command="run")
         elif step == "dense":
@@ -405,7 +418,7 @@ def run_schedule(config: RunConfig, *, echo=log) -> list[StageResult]:
             result = train(config, epochs=sched.epochs_per_round, command="run")
         else:
             try:
-                result = prune(config)
+                result = run_on_main(prune, config)
             except TargetReached as reached:
                 echo(f"target reached: {reached}")
                 if sched.final_epochs == 0:

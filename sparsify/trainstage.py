@@ -1,0 +1,190 @@
+"""One train stage on every rank: loaders, model, masks, EMA, resume from the train-state, evaluate.
+
+`finetune` is what `sparsify train` (and each training step of `run`) does between loading the
+latest checkpoint and writing the next one. Every rank runs it; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsify.checkpoint import RunDir
+from sparsify.config import RunConfig, config_hash
+from sparsify.distributed import (DistInfo, barrier, check_masks_agree, gather_objects)
+from sparsify.errors import CheckpointError, SparsifyError
+from sparsify.masks import MaskEnforcer, find_unmasked_nonzeros
+from sparsify.patterns import build_pattern
+from sparsify.train import LoopOptions, OptimConfig, Position, Trainer, evaluate, train_epochs
+from sparsify.trainlog import TrainLog, drop_rows_after
+from sparsify.trainstate import TrainState, capture_rng, load_train_state, restore_rng, save_train_state
+
+TRAIN_STATE = "train-state.safetensors"
+METRICS_CSV = "metrics.csv"
+
+
+@dataclass
+class Finetuned:
+    """What a stage trained: the model (on CPU), the masks it ends with, its metrics."""
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    metrics: dict
+
+
+def optim_config(t) -> OptimConfig:
+    return OptimConfig(t.optimizer, t.lr, t.momentum, t.weight_decay, t.lr_schedule, tuple(t.lr_steps),
+                       t.lr_gamma, t.warmup_epochs, t.warmup_steps)
+
+
+def loop_options(t) -> LoopOptions:
+    return LoopOptions(t.amp, t.channels_last, t.compile, t.label_smoothing, t.clip_grad_norm, t.log_every,
+                       t.save_every_steps, t.save_every_minutes)
+
+
+@contextmanager
+def deterministic_mode(on: bool):
+    """torch.use_deterministic_algorithms for the stage (restored afterwards), cudnn autotuning off."""
+    before = torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    if on:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), python `random` and numpy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def check_no_drift(model: nn.Module, enforcer: MaskEnforcer, pattern, *, rank: int) -> None:
+    """The drift guard on this rank: every masked weight must be exactly zero."""
+    drifted = find_unmasked_nonzeros(dict(model.named_parameters()), enforcer.masks, pattern)
+    if drifted:
+        raise SparsifyError(f"rank {rank}: nonzero weights inside pruned groups of {drifted[0]} after training; "
+                            "a callback or optimizer changed them without enforcer.apply_(); this is a bug, report it")
+
+
+def build_ema(ema_cfg, model: nn.Module):
+    """The EMA of the weights when `train.ema` is set."""
+    if ema_cfg is None:
+        return None
+    from sparsify.ema import ModelEma
+
+    return ModelEma(model, decay=ema_cfg.decay, every=ema_cfg.every)
+
+
+def make_resume(path: Path, identity: dict, info: DistInfo, *, log, csv_path: Path) -> Callable[[Trainer], Position]:
+    """A function restoring a matching train-state into the trainer (fresh start otherwise)."""
+
+    def resume(trainer: Trainer) -> Position:
+        if not path.is_file():
+            return Position()
+        state = load_train_state(path)
+        if not state.matches(**identity):
+            log(f"{path.name} belongs to another stage or config; this stage starts from its beginning")
+            return Position()
+        if state.world_size != info.world_size:
+            raise CheckpointError(f"{path} was written by {state.world_size} process(es) and this job has "
+                                  f"{info.world_size}; rerun with --nproc {state.world_size} (torchrun --nproc_per_node), "
+                                  "or delete the file to start the stage again")
+        trainer.model.load_state_dict(state.model)
+        for name, mask in state.masks.items():
+            trainer.enforcer.set_mask(name, mask)
+        trainer.enforcer.apply_()
+        trainer.load_parts(state.parts)
+        restore_rng(state.rng[info.rank])
+        if info.is_main:
+            drop_rows_after(csv_path, start=identity["start_checkpoint"], step=state.step)
+        log(f"resuming from {path.name}: epoch {state.epoch + 1}/{state.epochs}, batch {state.batch}, "
+            f"step {state.step}")
+        return Position(state.epoch, state.batch, state.step)
+
+    return resume
+
+
+def make_saver(path: Path, identity: dict, info: DistInfo, pattern) -> Callable[[Trainer, Position], None]:
+    """A function writing the train-state (RNG of every rank; rank 0 writes, the others wait)."""
+
+    def save(trainer: Trainer, position: Position) -> None:
+        rng = gather_objects(capture_rng())
+        check_no_drift(trainer.model, trainer.enforcer, pattern, rank=info.rank)
+        check_masks_agree(trainer.enforcer.masks)
+        if info.is_main:
+            save_train_state(path, TrainState(
+                **identity, world_size=info.world_size, epoch=position.epoch, batch=position.batch,
+                step=position.step, model=trainer.model.state_dict(), masks=dict(trainer.enforcer.masks),
+                parts=trainer.parts(), rng=rng))
+        barrier()
+
+    return save
+
+
+def finetune(config: RunConfig, run: RunDir, loaded, *, epochs: int, device: torch.device, info: DistInfo,
+             log: Callable[[str], None], callbacks: list | tuple = (), preset=None) -> Finetuned:
+    """Train the loaded checkpoint for `epochs` on this rank (resuming a matching train-state), evaluate."""
+    from sparsify.data import build_loaders
+
+    t, meta = config.train, loaded.checkpoint.meta
+    stage_seed = config.seed + len(run.checkpoints())
+    with deterministic_mode(t.deterministic):
+        seed_everything(stage_seed + info.rank)
+        train_loader, val_loader = build_loaders(
+            config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
+            in_channels=meta["in_channels"], seed=stage_seed, pin_memory=device.type == "cuda",
+            preset=preset, rank=info.rank, world_size=info.world_size)
+        model = loaded.model.to(device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        pattern = loaded.pattern or build_pattern(meta["pattern"])
+        enforcer = MaskEnforcer(model, loaded.masks, pattern)
+        per_epoch = len(train_loader) if config.data.limit_train_batches is None else min(
+            config.data.limit_train_batches, len(train_loader))
+        for callback in callbacks:  # before the optimizer exists: methods may add parameters (gumbel logits)
+            if hasattr(callback, "prepare"):
+                callback.prepare(model, enforcer, steps_per_epoch=per_epoch)
+        check_masks_agree(enforcer.masks)
+        identity = {"start_checkpoint": loaded.checkpoint.path.name, "start_sha256": loaded.checkpoint.sha256,
+                    "config_hash": config_hash(config), "epochs": epochs}
+        state_path, csv_path = run.root / TRAIN_STATE, run.root / METRICS_CSV
+        train_log = TrainLog(log=log, csv_path=csv_path, round_=meta["round"], start=identity["start_checkpoint"],
+                             tensorboard_dir=run.root / "tensorboard" if t.tensorboard else None)
+        ema = build_ema(t.ema, model)
+        try:
+            metrics = train_epochs(
+                model, train_loader, enforcer=enforcer, cfg=optim_config(t), epochs=epochs, device=device,
+                limit=config.data.limit_train_batches, log=log, options=loop_options(t), callbacks=callbacks,
+                ema=ema, train_log=train_log,
+                resume=make_resume(state_path, identity, info, log=log, csv_path=csv_path),
+                save_state=make_saver(state_path, identity, info, pattern))
+        finally:
+            train_log.close()
+        for callback in callbacks:  # e.g. gumbel: install the argmax masks, zero the weights under them
+            if hasattr(callback, "on_train_end"):
+                callback.on_train_end(model, enforcer)
+        check_no_drift(model, enforcer, pattern, rank=info.rank)
+        check_masks_agree(enforcer.masks)
+        metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches,
+                                amp=t.amp, channels_last=t.channels_last))
+        if ema is not None:  # the checkpoint keeps the averaged weights; live_* are the last step's
+            metrics.update({f"live_{k}": v for k, v in metrics.items() if k.startswith("val_")})
+            ema.copy_to_(model)
+            enforcer.apply_()
+            metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches,
+                                    amp=t.amp, channels_last=t.channels_last))
+    model = model.to(memory_format=torch.contiguous_format).cpu()
+    return Finetuned(model, dict(enforcer.masks), metrics)
