@@ -150,6 +150,8 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
     }
     if base.get("regroup") and base.get("round") == round_:
         meta["regroup"] = base["regroup"]  # the round's regroup statistics stay with its later checkpoints
+    if "permutation" in base:  # permuted weights stay permuted in every later checkpoint
+        meta["permutation"] = base["permutation"]
     meta.update(extra_meta or {})
     sha = save_checkpoint(path, state, masks, meta)
     pattern = build_pattern(pattern_spec)
@@ -243,6 +245,12 @@ def prune(config: RunConfig) -> StageResult:
             raise SparsifyError("no layer of this model is eligible for pruning; see `sparsify report` for the reasons")
         masks = full_masks(loaded.model, eligible, pattern)
         masks.update({n: m for n, m in loaded.masks.items() if n in masks})
+        permute_meta = {}
+        if s.permute.enabled and not loaded.masks:  # nm: permute input channels once, before the only round
+            from sparsify.permute import permute_before_prune_
+
+            permute_meta = permute_before_prune_(loaded.model, meta, pattern=pattern, eligible=eligible,
+                                                 time_limit=s.permute.time_limit, seed=config.seed)
         settings = PruneSettings(pattern, s.criterion, s.target, s.step, s.step_basis,
                                  s.keep_rows, s.keep_cols, s.balanced, s.scope)
         weights = dict(loaded.model.named_parameters())
@@ -267,13 +275,21 @@ def prune(config: RunConfig) -> StageResult:
         layer_log = [[e.name, e.groups, e.zeros_before, e.zeros_after, e.target_zeros, e.note] for e in entries]
         result = write_stage(run, config, command="prune", parent=loaded.checkpoint, model=loaded.model,
                              masks=new_masks, round_=round_, stage="pruned", metrics={}, started=started,
-                             extra_meta={"pattern": pattern.spec(), "prune_log": layer_log, **regroup_meta})
+                             extra_meta={"pattern": pattern.spec(), "prune_log": layer_log, **regroup_meta,
+                                         **permute_meta})
     blocked = [e for e in entries if e.note]
     result.message = (f"round {round_}: zeroed {zeroed} groups in {sum(e.zeros_after > e.zeros_before for e in entries)}"
                       f"/{len(entries)} layers; sparsity {result.sparsity:.2%} of eligible weights"
                       + (f"; {len(blocked)} layers limited by constraints" if blocked else "")
-                      + (f"; {describe_regroup(regroup_meta['regroup'])}" if regroup_meta else ""))
+                      + (f"; {describe_regroup(regroup_meta['regroup'])}" if regroup_meta else "")
+                      + (f"; {describe_permutation(permute_meta['permutation'])}" if permute_meta else ""))
     return result
+
+
+def describe_permutation(record: dict) -> str:
+    from sparsify.permute import describe_permutation as describe
+
+    return describe(record)
 
 
 def taylor_saliency(config: RunConfig, loaded: LoadedRun, masks: dict, pattern) -> dict[str, torch.Tensor]:

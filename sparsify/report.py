@@ -62,6 +62,7 @@ def build_report(target: Path) -> dict:
         **dst_breakdown(meta, ckpt.state, ckpt.masks, pattern, order=[layer.name for layer in layers]),
         "constraints": [{"parameter": e[0], "note": e[5]} for e in meta.get("prune_log", []) if e[5]],
         "history": [history_row(e) for e in run.history()] if run else [],
+        "permutation": meta.get("permutation"),
     }
 
 
@@ -199,6 +200,8 @@ def render_table(report: dict) -> str:
         console.print(tensors)
     for item in report["constraints"]:
         console.print(f"constraint: {item['parameter']}: {item['note']}")
+    for line in permutation_lines(report.get("permutation")):
+        console.print(line)
     if report["history"]:
         history = Table(title="history", title_justify="left")
         for head in _HISTORY_HEAD:
@@ -232,3 +235,19 @@ def render_markdown(report: dict) -> str:
     if report["history"]:
         parts += ["", _markdown_table(_HISTORY_HEAD, _display_history(report))]
     return "\n".join(parts)
+
+
+def permutation_lines(record: dict | None) -> list[str]:
+    """'permutation: N/M layers permuted ...' and one line per eligible layer (gain or the reason)."""
+    if not record:
+        return []
+    from sparsify.permute import describe_permutation
+
+    lines = [f"permutation: {describe_permutation(record)}"]
+    for name, entry in record["layers"].items():
+        if entry["permuted"]:
+            lines.append(f"  {name}: kept magnitude {entry['kept_before']:.4g} -> {entry['kept_after']:.4g} "
+                         f"({100 * entry['gain']:+.3f}%, {entry['siblings']} siblings)")
+        else:
+            lines.append(f"  {name}: not permuted ({entry['reason']})")
+    return lines

@@ -58,6 +58,7 @@ def resave_with_a_masked_weight_set(path, out):
 @pytest.mark.parametrize("name, sparsity", [
     ("blk", "{pattern: {type: block, block: [8, 8]}, target: 0.5, step: 0.5}"),
     ("nm", "{pattern: {type: nm, n: 2, m: 4}}"),
+    ("nmp", "{pattern: {type: nm}, permute: {enabled: true, time_limit: 2}}"),
 ])
 def test_check_passes_on_prune_output_and_catches_a_hand_altered_file(tmp_path, monkeypatch, name, sparsity):
     path = pruned_checkpoint(tmp_path, monkeypatch, name, sparsity)
@@ -67,7 +68,13 @@ def test_check_passes_on_prune_output_and_catches_a_hand_altered_file(tmp_path, 
     result = json.loads(invoke("check", path, "--format", "json")[1])
     assert result["follows"] and result["checked"] >= 2 and result["kind"] == "checkpoint"
     assert all(layer["sparsity"] >= (0.25 if name == "blk" else 0.5) for layer in result["layers"])
-    if name == "nm":
+    if name == "nmp":  # permuted, then pruned: the record is in the checkpoint and the report
+        code, out, _ = invoke("report", path.parent.parent, "--format", "json")
+        record = json.loads(out)["permutation"]
+        assert code == 0 and record["eligible"] == 8 and set(record["layers"]) == {r["parameter"] for r in
+                                                                                  result["layers"]}
+        assert "layers permuted" in invoke("report", path.parent.parent)[1]
+    if name.startswith("nm"):
         assert result["target"] == 0.5 and result["sparsity"] == 0.5
         assert invoke("check", path, "--pattern", "1:4")[0] == 1  # 2 of 4 kept is not 1:4
     altered = tmp_path / "altered.safetensors"
