@@ -334,25 +334,28 @@ def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained
             n_epochs = epochs or config.train.epochs
             log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}"
                 f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked layers")
+            callbacks = callbacks_for(config, loaded.model, parent_meta=meta)  # the method's (none for static)
             done = finetune(config, run, loaded, epochs=n_epochs, device=device, info=info, log=log,
-                            preset=image_preset_for(meta))
+                            preset=image_preset_for(meta), callbacks=callbacks)
             metrics = {k: round(v, 4) for k, v in done.metrics.items()}
             metrics["epochs"] = n_epochs
             result = run_on_main(write_trained, run, config, command=command, parent=loaded.checkpoint,
-                                 done=done, metrics=metrics, stage=stage, started=started)
+                                 done=done, metrics=metrics, stage=stage, started=started,
+                                 extra_meta=stage_meta(callbacks))
     result.message = (f"round {result.round} {stage}: val top-1 {metrics['val_acc1']:.2f}%, "
                       f"top-5 {metrics['val_acc5']:.2f}%, sparsity {result.sparsity:.2%}")
     return result
 
 
 def write_trained(run: RunDir, config: RunConfig, *, command: str, parent: Checkpoint, done, metrics: dict,
-                  stage: str, started: float) -> StageResult:
+                  stage: str, started: float, extra_meta: dict | None = None) -> StageResult:
     """Rank 0: the trained checkpoint (with the masks training ended with), then drop the train-state."""
     from sparsify.trainstage import TRAIN_STATE
 
     save_resolved_config(run, config)
     result = write_stage(run, config, command=command, parent=parent, model=done.model, masks=done.masks,
-                         round_=parent.meta["round"], stage=stage, metrics=metrics, started=started)
+                         round_=parent.meta["round"], stage=stage, metrics=metrics, started=started,
+                         extra_meta=extra_meta)
     (run.root / TRAIN_STATE).unlink(missing_ok=True)
     return result
 
