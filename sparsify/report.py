@@ -61,9 +61,23 @@ def build_report(target: Path) -> dict:
         "summary": summarize(model, ckpt.state, ckpt.masks, rows, pattern=pattern),
         **dst_breakdown(meta, ckpt.state, ckpt.masks, pattern, order=[layer.name for layer in layers]),
         "constraints": [{"parameter": e[0], "note": e[5]} for e in meta.get("prune_log", []) if e[5]],
+        "regroup": regroup_rows(meta),
         "history": [history_row(e) for e in run.history()] if run else [],
         "permutation": meta.get("permutation"),
     }
+
+
+REGROUP_COLUMNS = ["parameter", "blocks", "block_sizes", "density_before", "density_after", "added", "removed"]
+REGROUP_NOTE = ("regroup turns each pruned mask into dense row x column blocks: it adds weights inside blocks "
+                "that the prune had zeroed and removes those outside every block")
+
+
+def regroup_rows(meta: dict) -> list[dict]:
+    """Per layer of the round's regroup: blocks, their (rows, columns), density before/after ([] without)."""
+    layers = (meta.get("regroup") or {}).get("layers", [])
+    return [{**{k: row.get(k) for k in REGROUP_COLUMNS},
+             "block_sizes": " ".join(f"{r}x{c}" for r, c in row.get("block_sizes", [])) or row.get("note", "")}
+            for row in layers]
 
 
 def layer_row(layer, weight: torch.Tensor, mask: torch.Tensor | None, meta: dict) -> dict:
@@ -198,6 +212,13 @@ def render_table(report: dict) -> str:
         for row in report["tensors"]:
             tensors.add_row(*[_cell(v) for v in row.values()])
         console.print(tensors)
+    if report.get("regroup"):
+        blocks = Table(title="regroup (this round)", title_justify="left", caption=REGROUP_NOTE)
+        for head in REGROUP_COLUMNS:
+            blocks.add_column(head, justify="left" if head in ("parameter", "block_sizes") else "right")
+        for row in report["regroup"]:
+            blocks.add_row(*[_cell(row[k]) for k in REGROUP_COLUMNS])
+        console.print(blocks)
     for item in report["constraints"]:
         console.print(f"constraint: {item['parameter']}: {item['note']}")
     for line in permutation_lines(report.get("permutation")):
@@ -232,6 +253,9 @@ def render_markdown(report: dict) -> str:
              _markdown_table(list(report["summary"]), [[_cell(v) for v in report["summary"].values()]])]
     if report.get("tensors"):
         parts += ["", _markdown_table(TENSOR_COLUMNS, [[_cell(v) for v in r.values()] for r in report["tensors"]])]
+    if report.get("regroup"):
+        rows = [[_cell(r[k]) for k in REGROUP_COLUMNS] for r in report["regroup"]]
+        parts += ["", _markdown_table(REGROUP_COLUMNS, rows), "", REGROUP_NOTE]
     if report["history"]:
         parts += ["", _markdown_table(_HISTORY_HEAD, _display_history(report))]
     return "\n".join(parts)

@@ -107,20 +107,19 @@ def assert_rewound(pruned, point):
         assert torch.equal(value, expected), key
 
 
-@pytest.mark.parametrize("point", ["init", "round0"])
-def test_prune_rewinds_kept_weights_and_batchnorm_to_the_rewind_point(tmp_path, point):
-    config = imp_config(tmp_path, f"sparsity.rewind={{to: {point}}}")
+def test_prune_rewinds_kept_weights_and_batchnorm_to_the_rewind_point(tmp_path):
+    config = imp_config(tmp_path, "sparsity.rewind={to: round0}")
     pipeline.download(config)
     pipeline.train(config, epochs=1)
-    pipeline.prune(config)
-    first = ckpt(config, 2)
-    assert_rewound(first, ckpt(config, 0 if point == "init" else 1))
     assert not torch.equal(ckpt(config, 0).state["bn1.running_mean"], ckpt(config, 1).state["bn1.running_mean"])
-    pipeline.prune(config)  # round 2 rewinds to the same point, with the smaller masks
-    second = ckpt(config, 3)
-    assert_rewound(second, ckpt(config, 0 if point == "init" else 1))
+    pipeline.prune(config)
+    assert_rewound(ckpt(config, 2), ckpt(config, 1))  # round0: the last checkpoint of round 0
+    assert load_checkpoint(config.run_dir / "rewind.safetensors").meta["rewind"] == "round0"
+    pipeline.prune(imp_config(tmp_path, "sparsity.rewind={to: init}"))  # a changed point is taken again
+    assert_rewound(ckpt(config, 3), ckpt(config, 0))  # init: the weights at download
     saved = load_checkpoint(config.run_dir / "rewind.safetensors")
-    assert saved.meta["rewind"] == point and not saved.masks
+    assert saved.meta["rewind"] == "init" and not saved.masks
+    assert int((~ckpt(config, 3).masks["layer1.0.conv1.weight"]).sum()) > 0
 
 
 def test_rewind_epoch_saves_the_weights_after_that_epoch_of_round_0(tmp_path):
@@ -158,6 +157,12 @@ def test_global_imp_with_regroup_records_blocks_and_stops_after_the_target(tmp_p
         mask = pruned.masks[layer["parameter"]]
         assert layer["density_after"] == pytest.approx(float(mask.float().mean()), abs=1e-6)
         assert sum(r * c for r, c in layer["block_sizes"]) == int(mask.sum())  # blocks share no row
+    from sparsify.report import build_report, render
+
+    report = build_report(config.run_dir)
+    assert [r["parameter"] for r in report["regroup"]] == [layer["parameter"] for layer in info["layers"]]
+    table = render(report, "table")
+    assert "regroup (this round)" in table and "adds weights inside blocks" in table
 
 
 def test_taylor_prune_scores_with_gradients_of_training_batches(tmp_path):
