@@ -16,7 +16,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("prune_round", "train_step", "checkpoint_io", "cli_help", "patterns_fmnist", "methods_fmnist")
+BENCHMARKS = ("prune_round", "train_step", "checkpoint_io", "cli_help", "patterns_fmnist", "methods_fmnist",
+              "permutation")
 
 
 def run_one(name: str, repeats: int | None) -> dict:
