@@ -32,7 +32,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["imagefolder", "digits", "fashion-mnist", "fake"] = "digits"
+    dataset: Literal["imagefolder", "digits", "fashion-mnist", "cifar10", "cifar100", "fake"] = "digits"
     root: Optional[str] = None  # imagefolder: root/train + root/val; fashion-mnist: the IDX folder
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=0, ge=0)
@@ -40,6 +40,8 @@ class DataConfig(_Section):
     fake_samples: int = Field(default=64, ge=1)  # fake: images per split
     limit_train_batches: Optional[int] = Field(default=None, ge=1)  # cap batches per epoch (smoke runs)
     limit_val_batches: Optional[int] = Field(default=None, ge=1)
+    download: bool = False  # cifar10/cifar100: torchvision may download the files when missing
+    verify_checksums: bool = True  # cifar10/cifar100: read only the official files (md5); false for files you trust
 
 
 class BlockPatternConfig(_Section):
@@ -147,8 +149,22 @@ class RegroupConfig(_Section):
     min_rows: int = Field(default=16, ge=0)  # a cluster with at most this many rows is dropped (B2)
 
 
+class DsrConfig(_Section):
+    """Dynamic sparse reparameterization (`method: dsr`); defaults are the paper's WRN-28-2 / CIFAR-10 values."""
+
+    prune_count: Optional[int] = Field(default=None, ge=1)  # N_p: weights to prune per step; null: prune_fraction
+    prune_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)  # N_p as a share of the kept weights
+    tolerance: float = Field(default=0.1, ge=0.0, lt=1.0)  # delta: H moves when pruned is off N_p by more
+    threshold: float = Field(default=0.001, gt=0.0)  # H at the start: prune kept weights with |w| < H
+    period: int = Field(default=100, ge=1)  # optimizer steps between reparameterizations at first
+    double_at: list[int] = Field(default_factory=lambda: [25, 80, 140])  # epochs where the period doubles
+    stop_epoch: int = Field(default=190, ge=0)  # no reparameterization from this epoch on
+    budget: Literal["eligible", "all"] = "eligible"  # target counts eligible weights, or all parameters (dst)
+
+
 class SparsityConfig(_Section):
     pattern: PatternConfig = Field(default_factory=BlockPatternConfig)
+    method: str = "static"  # static (masks from prune rounds) | dsr (masks change while training)
     method: str = "static"  # static (masks from prune rounds) | dsr (masks change while training)
     criterion: str = "variance"  # variance | l1 | l2 | taylor | random
     target: float = Field(default=0.5, ge=0.0, lt=1.0)  # share of each layer's groups that end up zero
