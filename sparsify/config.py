@@ -149,22 +149,8 @@ class RegroupConfig(_Section):
     min_rows: int = Field(default=16, ge=0)  # a cluster with at most this many rows is dropped (B2)
 
 
-class DsrConfig(_Section):
-    """Dynamic sparse reparameterization (`method: dsr`); defaults are the paper's WRN-28-2 / CIFAR-10 values."""
-
-    prune_count: Optional[int] = Field(default=None, ge=1)  # N_p: weights to prune per step; null: prune_fraction
-    prune_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)  # N_p as a share of the kept weights
-    tolerance: float = Field(default=0.1, ge=0.0, lt=1.0)  # delta: H moves when pruned is off N_p by more
-    threshold: float = Field(default=0.001, gt=0.0)  # H at the start: prune kept weights with |w| < H
-    period: int = Field(default=100, ge=1)  # optimizer steps between reparameterizations at first
-    double_at: list[int] = Field(default_factory=lambda: [25, 80, 140])  # epochs where the period doubles
-    stop_epoch: int = Field(default=190, ge=0)  # no reparameterization from this epoch on
-    budget: Literal["eligible", "all"] = "eligible"  # target counts eligible weights, or all parameters (dst)
-
-
 class SparsityConfig(_Section):
     pattern: PatternConfig = Field(default_factory=BlockPatternConfig)
-    method: str = "static"  # static (masks from prune rounds) | dsr (masks change while training)
     method: str = "static"  # static (masks from prune rounds) | dsr (masks change while training)
     criterion: str = "variance"  # variance | l1 | l2 | taylor | random
     target: float = Field(default=0.5, ge=0.0, lt=1.0)  # share of each layer's groups that end up zero
