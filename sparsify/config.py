@@ -126,6 +126,25 @@ class DsrConfig(_Section):
     budget: Literal["eligible", "all"] = "eligible"  # target counts eligible weights, or all parameters (dst)
 
 
+class GumbelConfig(_Section):
+    """Learned 2:4 masks (`method: gumbel`); defaults are the paper's (tau 1, no annealing, uniform logits)."""
+
+    grouping: Literal["channels", "flat"] = "channels"  # channels: hardware 2:4 | flat: row-major groups (the paper)
+    tau: float = Field(default=1.0, gt=0.0)  # Gumbel-softmax temperature at the first step
+    anneal: float = Field(default=0.0, ge=0.0)  # tau_t = max(tau_min, tau * exp(-anneal * t)); 0: tau fixed
+    tau_min: float = Field(default=0.5, gt=0.0)  # lower bound of the annealed temperature
+    init: Literal["uniform", "magnitude"] = "uniform"  # uniform: equal logits (the paper) | magnitude
+
+
+class GradualConfig(_Section):
+    """Gradual pruning (`method: gradual`): cubic schedule from `initial` to `sparsity.target` (Zhu & Gupta 2017)."""
+
+    initial: float = Field(default=0.0, ge=0.0, lt=1.0)  # s_i: sparsity of the first pruning step
+    start: float = Field(default=0.0, ge=0.0)  # t0 in epochs (counted over all train stages of the run)
+    end: float = Field(default=1.0, gt=0.0)  # epoch at which the target is reached
+    frequency: int = Field(default=100, ge=1)  # optimizer steps between pruning steps (delta t)
+
+
 class RewindConfig(_Section):
     """Lottery-ticket rewinding: after each prune the kept weights go back to this point."""
 
@@ -166,6 +185,8 @@ class SparsityConfig(_Section):
     include_linear: bool = False  # Linear layers are eligible too
     exclude: list[str] = Field(default_factory=list)  # globs over parameter names, e.g. ["fc.*"]
     dsr: DsrConfig = Field(default_factory=DsrConfig)  # used by method: dsr
+    gumbel: GumbelConfig = Field(default_factory=GumbelConfig)  # used by method: gumbel
+    gradual: GradualConfig = Field(default_factory=GradualConfig)  # used by method: gradual
     permute: PermuteConfig = Field(default_factory=PermuteConfig)  # nm: channel permutation before pruning
 
     @model_validator(mode="after")
@@ -219,6 +240,17 @@ class TrainConfig(_Section):
     save_every_minutes: Optional[float] = Field(default=10.0, gt=0.0)  # ... and/or every N minutes; null: off
     log_every: int = Field(default=50, ge=1)  # steps between rows of metrics.csv
     tensorboard: bool = False  # also log to runs/<name>/tensorboard (needs the tensorboard package)
+    trainable: Literal["all", "mask"] = "all"  # mask: only the learned mask logits train (method gumbel)
+
+
+class ActivationsConfig(_Section):
+    """Sparse activations (seed 001): spatial masks after chosen modules; no sites: off."""
+
+    sites: list[str] = Field(default_factory=list)  # globs over module names, e.g. ["layer*.*.bn1"]
+    kind: Literal["checkerboard", "static", "dynamic"] = "checkerboard"  # dynamic: a new random mask every forward
+    quarters: int = Field(default=2, ge=1, le=4)  # q: positions kept of every 4 (density q/4)
+    sparse_batchnorm: bool = True  # BatchNorm2d sites normalise only the kept positions
+    dense_inference: bool = False  # evaluation: no mask, outputs scaled by the density
 
 
 class RunConfig(_Section):
@@ -231,6 +263,7 @@ class RunConfig(_Section):
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    activations: ActivationsConfig = Field(default_factory=ActivationsConfig)  # sparse activations (off without sites)
 
     @field_validator("name")
     @classmethod
@@ -246,9 +279,30 @@ class RunConfig(_Section):
             raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
         return value
 
+    @model_validator(mode="after")
+    def _method_rules(self) -> "RunConfig":
+        check_method_keys(self)
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+
+def check_method_keys(config: "RunConfig") -> None:
+    """train.trainable: mask and the gumbel keys fit method gumbel only, with a 2:4 or element mask."""
+    s = config.sparsity
+    if config.train.trainable == "mask" and s.method != "gumbel":
+        raise ConfigError(f"train.trainable: mask trains only learned mask logits, which method {s.method} "
+                          "does not have; set sparsity.method: gumbel or train.trainable: all")
+    if s.method != "gumbel":
+        return
+    if s.pattern.type == "nm" and (s.pattern.n, s.pattern.m) != (2, 4):
+        raise ConfigError(f"method gumbel learns 2:4 masks, not {s.pattern.n}:{s.pattern.m}; "
+                          "set sparsity.pattern: {type: nm, n: 2, m: 4}")
+    if s.gumbel.grouping == "flat" and s.pattern.type != "unstructured":
+        raise ConfigError("gumbel grouping flat (the paper's row-major groups) is not 2:4 along input channels; "
+                          "set sparsity.pattern: {type: unstructured} or gumbel.grouping: channels")
 
 
 class _Loader(yaml.SafeLoader):

@@ -60,6 +60,16 @@ register_method(Method(
     "threshold and regrow at random positions every `period` steps", prune_rounds=False,
     patterns=("unstructured",), factory="sparsify.dsr:make_callbacks",
 ))
+register_method(Method(
+    "gumbel", "learned 2:4 masks (Danhofer 2024): six logits per group of four weights, hard "
+    "Gumbel-softmax with a straight-through estimator; the argmax pattern is saved", prune_rounds=False,
+    patterns=("nm", "unstructured"), factory="sparsify.gumbel:make_callbacks",
+))
+register_method(Method(
+    "gradual", "gradual pruning inside training (Zhu & Gupta 2017): cubic schedule from "
+    "`initial` to the target, pruning every `frequency` steps", prune_rounds=False,
+    patterns=("block", "unstructured"), factory="sparsify.gradual:make_callbacks",
+))
 
 
 def check_method(name: str, *, pattern_type: str) -> None:
@@ -92,6 +102,15 @@ def callbacks_for(config, model, *, parent_meta: dict, extra: dict | None = None
     layers = find_layers(model, pattern, include_linear=s.include_linear, exclude=s.exclude)
     eligible = [layer.name for layer in layers if layer.reason is None]
     return build_callbacks(s.method, TrainContext(s, eligible, parent_meta, config.seed, dict(extra or {})))
+
+
+def stage_tensors(callbacks: list) -> dict:
+    """Extra checkpoint tensors the callbacks ask for (full keys, e.g. `gumbel.logits.<fqn>`)."""
+    tensors: dict = {}
+    for callback in callbacks:
+        if hasattr(callback, "stage_tensors"):
+            tensors.update(callback.stage_tensors())
+    return tensors
 
 
 def stage_meta(callbacks: list) -> dict:

@@ -22,7 +22,8 @@ from sparsify.checkpoint import Checkpoint, RunDir, atomic_write_bytes, load_che
 from sparsify.config import RunConfig, config_hash, config_to_yaml
 from sparsify.errors import CheckpointError, SparsifyError, TargetReached
 from sparsify.masks import MaskEnforcer, full_masks
-from sparsify.methods import METHODS, callbacks_for, stage_meta
+from sparsify.activations import activation_callbacks
+from sparsify.methods import METHODS, callbacks_for, stage_meta, stage_tensors
 from sparsify.patterns import build_pattern, describe_pattern
 from sparsify.prune import PruneSettings, find_layers, prune_round
 from sparsify.regroup import describe_regroup, imp_at_target, regroup_round
@@ -130,8 +131,8 @@ def model_sparsity(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor
 
 def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpoint | None,
                 model: nn.Module, masks: dict, round_: int, stage: str, metrics: dict,
-                started: float, extra_meta: dict | None = None) -> StageResult:
-    """Save the stage's checkpoint and append its history line."""
+                started: float, extra_meta: dict | None = None, extra_tensors: dict | None = None) -> StageResult:
+    """Save the stage's checkpoint and append its history line (`extra_tensors`: e.g. `gumbel.*`)."""
     run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     path = run.next_checkpoint_path(round_, stage)
     base = parent.meta if parent else {}
@@ -153,7 +154,7 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
     if "permutation" in base:  # permuted weights stay permuted in every later checkpoint
         meta["permutation"] = base["permutation"]
     meta.update(extra_meta or {})
-    sha = save_checkpoint(path, state, masks, meta)
+    sha = save_checkpoint(path, state, masks, meta, extra=extra_tensors)
     pattern = build_pattern(pattern_spec)
     sparsity = model_sparsity(state, masks, pattern)
     seconds = time.perf_counter() - started
@@ -334,28 +335,31 @@ def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained
             n_epochs = epochs or config.train.epochs
             log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}"
                 f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked layers")
-            callbacks = callbacks_for(config, loaded.model, parent_meta=meta)  # the method's (none for static)
+            callbacks = callbacks_for(config, loaded.model, parent_meta=meta, extra={
+                "trainable": config.train.trainable, "parent_tensors": loaded.checkpoint.extra})
+            callbacks += activation_callbacks(config.activations, seed=config.seed)
             done = finetune(config, run, loaded, epochs=n_epochs, device=device, info=info, log=log,
                             preset=image_preset_for(meta), callbacks=callbacks)
             metrics = {k: round(v, 4) for k, v in done.metrics.items()}
             metrics["epochs"] = n_epochs
             result = run_on_main(write_trained, run, config, command=command, parent=loaded.checkpoint,
                                  done=done, metrics=metrics, stage=stage, started=started,
-                                 extra_meta=stage_meta(callbacks))
+                                 extra_meta=stage_meta(callbacks), extra_tensors=stage_tensors(callbacks))
     result.message = (f"round {result.round} {stage}: val top-1 {metrics['val_acc1']:.2f}%, "
                       f"top-5 {metrics['val_acc5']:.2f}%, sparsity {result.sparsity:.2%}")
     return result
 
 
 def write_trained(run: RunDir, config: RunConfig, *, command: str, parent: Checkpoint, done, metrics: dict,
-                  stage: str, started: float, extra_meta: dict | None = None) -> StageResult:
+                  stage: str, started: float, extra_meta: dict | None = None,
+                  extra_tensors: dict | None = None) -> StageResult:
     """Rank 0: the trained checkpoint (with the masks training ended with), then drop the train-state."""
     from sparsify.trainstage import TRAIN_STATE
 
     save_resolved_config(run, config)
     result = write_stage(run, config, command=command, parent=parent, model=done.model, masks=done.masks,
                          round_=parent.meta["round"], stage=stage, metrics=metrics, started=started,
-                         extra_meta=extra_meta)
+                         extra_meta=extra_meta, extra_tensors=extra_tensors)
     (run.root / TRAIN_STATE).unlink(missing_ok=True)
     return result
 
@@ -373,6 +377,8 @@ def eval_latest(config: RunConfig) -> StageResult:
         _, val_loader = build_loaders(config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
                                       in_channels=meta["in_channels"], seed=config.seed,
                                       pin_memory=device.type == "cuda", preset=image_preset_for(meta))
+        for sites in activation_callbacks(config.activations, seed=config.seed):  # masks are not in checkpoints
+            sites.prepare(loaded.model)
         metrics = {k: round(v, 4) for k, v in evaluate(loaded.model.to(device), val_loader, device=device,
                                                        limit=config.data.limit_val_batches).items()}
         sparsity = model_sparsity(loaded.checkpoint.state, loaded.masks, loaded.pattern)

@@ -64,7 +64,14 @@ def build_report(target: Path) -> dict:
         "regroup": regroup_rows(meta),
         "history": [history_row(e) for e in run.history()] if run else [],
         "permutation": meta.get("permutation"),
+        "activations": activation_rows(meta),
     }
+
+
+def activation_rows(meta: dict) -> list[dict]:
+    """Activation density per site, as the train stage measured it in evaluation ([] without sites)."""
+    found = (meta.get("method_state") or {}).get("activations") or {}
+    return [{"site": name, **values} for name, values in found.items()]
 
 
 REGROUP_COLUMNS = ["parameter", "blocks", "block_sizes", "density_before", "density_after", "added", "removed"]
@@ -212,6 +219,13 @@ def render_table(report: dict) -> str:
         for row in report["tensors"]:
             tensors.add_row(*[_cell(v) for v in row.values()])
         console.print(tensors)
+    if report.get("activations"):
+        sites = Table(title="activation density (evaluation)", title_justify="left")
+        for head in ("site", "kind", "quarters", "mask_density", "measured_density"):
+            sites.add_column(head, justify="left" if head in ("site", "kind") else "right")
+        for row in report["activations"]:
+            sites.add_row(*[_cell(row[k]) for k in ("site", "kind", "quarters", "mask_density", "measured_density")])
+        console.print(sites)
     if report.get("regroup"):
         blocks = Table(title="regroup (this round)", title_justify="left", caption=REGROUP_NOTE)
         for head in REGROUP_COLUMNS:
