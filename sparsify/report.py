@@ -63,6 +63,7 @@ def build_report(target: Path) -> dict:
         "constraints": [{"parameter": e[0], "note": e[5]} for e in meta.get("prune_log", []) if e[5]],
         "regroup": regroup_rows(meta),
         "history": [history_row(e) for e in run.history()] if run else [],
+        "rounds": round_curves(run) if run else [],
         "permutation": meta.get("permutation"),
         "activations": activation_rows(meta),
     }
@@ -195,6 +196,25 @@ def _title(report: dict) -> str:
             f"pattern {report['pattern']}, criterion {report['criterion']}, target {report['target']}")
 
 
+_ROUNDS_HEAD = ["round", "epochs", "first_loss", "last_loss", "val_acc1"]
+
+
+def round_curves(run: RunDir) -> list[dict]:
+    """Per round: epochs trained, first and last logged train loss, last val top-1."""
+    from sparsify.trainlog import read_rows
+
+    rows: dict[int, dict] = {}
+    for row in read_rows(run.root / "metrics.csv"):
+        entry = rows.setdefault(int(row["round"]), {"round": int(row["round"]), "epochs": 0,
+                                                   "first_loss": float(row["loss"]), "val_acc1": None})
+        entry["last_loss"] = float(row["loss"])
+    for entry in run.history():
+        if entry.get("round") in rows and entry.get("stage") in ("trained", "final"):
+            rows[entry["round"]]["epochs"] += (entry.get("metrics") or {}).get("epochs", 0)
+            rows[entry["round"]]["val_acc1"] = (entry.get("metrics") or {}).get("val_acc1")
+    return [rows[key] for key in sorted(rows)]
+
+
 def render_table(report: dict) -> str:
     from rich.console import Console
     from rich.table import Table
@@ -244,6 +264,13 @@ def render_table(report: dict) -> str:
         for row in _display_history(report):
             history.add_row(*row)
         console.print(history)
+    if report.get("rounds"):
+        curves = Table(title="training per round (metrics.csv)", title_justify="left")
+        for head in _ROUNDS_HEAD:
+            curves.add_column(head, justify="right")
+        for row in report["rounds"]:
+            curves.add_row(*[_cell(row[key]) for key in _ROUNDS_HEAD])
+        console.print(curves)
     return buffer.getvalue().rstrip()
 
 
