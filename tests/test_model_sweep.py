@@ -98,3 +98,49 @@ def test_vit_linear_layers_with_the_block_pattern():
 @pytest.mark.parametrize("arch", torchvision.models.list_models(module=torchvision.models))
 def test_every_torchvision_model(arch):
     check_arch(arch)
+
+
+def write_jpegs(root, *, classes=("a", "b"), per_class: int = 2) -> None:
+    """A tiny ImageFolder tree of 40x48 JPEGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+
+
+def test_googlenet_with_aux_heads_through_the_pipeline(tmp_path, monkeypatch):
+    """download (hub cache) -> prune -> train -> eval -> report on an ImageFolder of JPEGs."""
+    from pathlib import Path
+
+    from sparsify import pipeline
+    from sparsify.config import load_config
+    from sparsify.report import build_report
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
+    target = tmp_path / "torch-home" / "hub" / "checkpoints" / Path(weights.url).name
+    target.parent.mkdir(parents=True)
+    torch.save(torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False).state_dict(), target)
+    write_jpegs(tmp_path / "images")
+    config = load_config(None, [
+        "name=gnet", f"runs_dir={tmp_path / 'runs'}", "model.arch=googlenet", "model.weights=DEFAULT",
+        "model.input_size=32", "data.dataset=imagefolder", f"data.root={tmp_path / 'images'}",
+        "data.batch_size=2", "data.mixup_alpha=0.2", "sparsity.include_linear=true", "sparsity.step=0.5",
+        "device=cpu"])
+    pipeline.download(config)
+    pipeline.prune(config)
+    trained = pipeline.train(config, epochs=1)
+    assert 0.0 < trained.sparsity <= 0.5 and "val_acc1" in trained.metrics
+    loaded = pipeline.load_run(pipeline.RunDir(config.run_dir))
+    assert loaded.model.aux1 is not None and loaded.model.aux2.fc2.out_features == 2
+    assert any(name.startswith("aux1.") for name in loaded.masks)  # aux Linear layers are pruned too
+    assert pipeline.image_preset_for(loaded.checkpoint.meta).resize_size == 37  # 256 / 224 * 32
+    report = build_report(config.run_dir)
+    assert report["arch"] == "googlenet" and [h["stage"] for h in report["history"]] == ["pretrained", "pruned", "trained"]
+    assert {row["parameter"] for row in report["layers"]} >= {"aux1.fc2.weight", "fc.weight", "aux2.conv.conv.weight"}
