@@ -35,6 +35,7 @@ from _benchutil import emit, parser, progress  # noqa: E402
 
 EXCLUDE = ["conv1.weight"]
 REGROUP = {"clusters": 4, "growth": 1.5, "split_rows": 32, "min_rows": 3}
+PER_LAYER = ("cut", "blocks", "added", "removed")  # per layer in regroup_quality: [ours, baseline]
 
 
 class Context:
@@ -179,8 +180,7 @@ def summarize_regroup(ours: list[dict], baseline: list[dict]) -> dict:
                 "seconds": round(total(stats, "seconds"), 3)}
 
     return {"hypergraph": side(ours), "contiguous_baseline": side(baseline),
-            "per_layer": [{"parameter": a["parameter"], "cut": [a["cut"], b["cut"]], "blocks": [a["blocks"], b["blocks"]],
-                           "added": [a["added"], b["added"]], "removed": [a["removed"], b["removed"]]}
+            "per_layer": [{"parameter": a["parameter"], **{k: [a[k], b[k]] for k in PER_LAYER}}
                           for a, b in zip(ours, baseline)]}
 
 

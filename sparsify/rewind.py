@@ -29,7 +29,8 @@ def rewind_label(cfg) -> str:
     return cfg.to if cfg.to is not None else f"epoch {cfg.epoch}"
 
 
-def save_rewind_point(path: Path, state: dict[str, torch.Tensor], *, label: str, source: str, source_sha256: str) -> None:
+def save_rewind_point(path: Path, state: dict[str, torch.Tensor], *, label: str, source: str,
+                      source_sha256: str) -> None:
     """Write the rewind point atomically; `source` is the checkpoint it comes from (or starts from)."""
     meta = {"rewind": label, "source": source, "source_sha256": source_sha256, "stage": "rewind"}
     save_checkpoint(Path(path), state, {}, meta)
