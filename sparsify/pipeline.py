@@ -27,7 +27,7 @@ from sparsify.methods import METHODS, callbacks_for, stage_meta, stage_tensors
 from sparsify.patterns import build_pattern, describe_pattern
 from sparsify.prune import PruneSettings, find_layers, prune_round
 from sparsify.regroup import describe_regroup, imp_at_target, regroup_round
-from sparsify.rewind import rewind_model_, rewind_state
+from sparsify.rewind import rewind_callbacks, rewind_model_, rewind_state
 from sparsify.train import OptimConfig, evaluate, resolve_device, train_epochs
 
 
@@ -338,6 +338,7 @@ def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained
             callbacks = callbacks_for(config, loaded.model, parent_meta=meta, extra={
                 "trainable": config.train.trainable, "parent_tensors": loaded.checkpoint.extra})
             callbacks += activation_callbacks(config.activations, seed=config.seed)
+            callbacks += rewind_callbacks(config, run, loaded.checkpoint)  # rewind: {epoch: E} saves in round 0
             done = finetune(config, run, loaded, epochs=n_epochs, device=device, info=info, log=log,
                             preset=image_preset_for(meta), callbacks=callbacks)
             metrics = {k: round(v, 4) for k, v in done.metrics.items()}
