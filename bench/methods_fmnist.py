@@ -6,7 +6,10 @@ Rows (each trains `tiny_resnet`, 1 -> 16/32/64 channels, from the same seeded ra
     conv weights (scope global, criterion l1, one round), then the other half finetuning;
   * dsr: `--epochs` epochs of dynamic sparse reparameterization at 90% from the first step
     (period batches/5 steps, doubled after the first half, frozen for the last epoch; N_p 10% of the kept weights).
-More rows (gradual, gumbel 2:4, magnitude 2:4) are functions `(ctx) -> row` added to ROWS.
+  * gradual: `--epochs` epochs, cubic schedule 0 -> 90% over the first half (every batches/5 steps, l1);
+  * magnitude_2of4_oneshot: the dense row's model, one magnitude 2:4 prune (nm, l1), no finetuning;
+  * gumbel_2of4_mask_only: the dense row's model, one epoch of learned 2:4 masks (logits only,
+    AdamW lr 1.0, weight decay 1e-4), the argmax masks applied. Both 2:4 rows need the dense row.
 
 The training set is subsampled: `--batches` random batches of 64 per epoch (a fresh shuffle of the
 60k images each epoch) and the first `--val-batches` x 256 test images, so all rows finish in a few
@@ -94,6 +97,7 @@ def run_dense(ctx: Context) -> dict:
     started = time.perf_counter()
     model = copy.deepcopy(ctx.start)
     ctx.train(model, {}, epochs=ctx.epochs)
+    ctx.dense = model  # the 2:4 rows start from it
     return ctx.row(model, {}, started)
 
 
@@ -143,9 +147,93 @@ def run_dsr(ctx: Context) -> dict:
                    target_pruned=callback.target, final_threshold=callback.threshold)
 
 
+def run_gradual(ctx: Context) -> dict:
+    """Cubic schedule 0 -> 90% over the first half of the budget, every batches/5 steps (l1, unstructured)."""
+    from types import SimpleNamespace
+
+    from sparsify.config import load_config
+    from sparsify.gradual import GradualCallbacks
+
+    started = time.perf_counter()
+    model = copy.deepcopy(ctx.start)
+    sparsity = load_config(None, ["sparsity.method=gradual", "sparsity.pattern.type=unstructured",
+                                  "sparsity.criterion=l1", f"sparsity.target={TARGET}", "sparsity.keep_rows=false",
+                                  "sparsity.keep_cols=false", f"sparsity.gradual.end={ctx.epochs / 2}",
+                                  f"sparsity.gradual.frequency={max(1, ctx.batches // 5)}"]).sparsity
+    callback = GradualCallbacks(SimpleNamespace(sparsity=sparsity, eligible=list(ctx.eligible), parent_meta={},
+                                                seed=ctx.seed, extra={"steps_per_epoch": ctx.batches}))
+    enforcer = ctx.train(model, {}, epochs=ctx.epochs, callbacks=[callback])
+    sizes = [p.numel() for n, p in model.named_parameters() if n in ctx.eligible]
+    return ctx.row(model, enforcer.masks, started, expected_kept=sum(n - math.floor(TARGET * n) for n in sizes),
+                   pruning_steps=len(callback.log))
+
+
+def two_of_four_layers(ctx: Context):
+    """Eligible convs for 2:4 (input channels a multiple of 4; the 1-channel stem is out)."""
+    params = dict(ctx.dense.named_parameters())
+    return [n for n in ctx.eligible if params[n].shape[1] % 4 == 0]
+
+
+def run_magnitude_2of4(ctx: Context) -> dict:
+    """One-shot magnitude 2:4 (pattern nm, l1) of the dense row's model, no finetuning."""
+    from sparsify.masks import MaskEnforcer, full_masks
+    from sparsify.patterns import build_pattern
+    from sparsify.prune import PruneSettings, prune_round
+
+    started = time.perf_counter()
+    model = copy.deepcopy(ctx.dense)
+    nm = build_pattern({"type": "nm", "n": 2, "m": 4})
+    names = two_of_four_layers(ctx)
+    masks, _ = prune_round(dict(model.named_parameters()), full_masks(model, names, nm),
+                           PruneSettings(nm, "l1", 0.5, 1.0, "remaining", False, False, False))
+    MaskEnforcer(model, masks, nm).apply_()
+    full, expected = two_of_four_masks(ctx, model, masks)
+    return ctx.row(model, full, started, expected_kept=expected)
+
+
+def two_of_four_masks(ctx: Context, model, masks: dict) -> tuple[dict, int]:
+    """Element masks for every eligible layer (all kept where 2:4 does not apply) and the kept count 2:4 allows."""
+    import torch
+
+    params = dict(model.named_parameters())
+    full = {n: masks[n].reshape(params[n].shape) if n in masks else torch.ones_like(params[n], dtype=torch.bool)
+            for n in ctx.eligible}
+    expected = sum(params[n].numel() // (2 if n in masks else 1) for n in ctx.eligible)
+    return full, expected
+
+
+def run_gumbel_2of4(ctx: Context) -> dict:
+    """Learned 2:4 masks on the dense row's model: logits only (AdamW lr 1.0), one epoch, argmax saved."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sparsify.config import GumbelConfig
+    from sparsify.gumbel import GumbelCallbacks
+    from sparsify.masks import MaskEnforcer
+    from sparsify.train import OptimConfig, train_epochs
+
+    started = time.perf_counter()
+    model = copy.deepcopy(ctx.dense)
+    names = two_of_four_layers(ctx)
+    callback = GumbelCallbacks(SimpleNamespace(sparsity=SimpleNamespace(gumbel=GumbelConfig()), eligible=names,
+                                               parent_meta={}, seed=ctx.seed, extra={"trainable": "mask"}))
+    torch.manual_seed(ctx.seed)
+    enforcer = MaskEnforcer(model, {}, ctx.pattern)
+    callback.prepare(model, enforcer)  # before the optimizer: the logits are the trained parameters
+    train_epochs(model, ctx.train_loader, enforcer=enforcer, epochs=1, device=torch.device("cpu"),
+                 limit=ctx.batches, callbacks=[callback],
+                 cfg=OptimConfig(optimizer="adamw", lr=1.0, weight_decay=1e-4))
+    callback.on_train_end(model, enforcer)
+    masks, expected = two_of_four_masks(ctx, model, enforcer.masks)
+    return ctx.row(model, masks, started, expected_kept=expected,
+                   groups_changed=callback.stage_meta()["gumbel_groups_changed"])
+
+
 # Rows in the order they run: name -> function(ctx) -> dict. Other methods add theirs here.
-ROWS = {"dense": run_dense, "static_magnitude": run_static_magnitude, "dsr": run_dsr}
-SPARSE_90 = ("static_magnitude", "dsr")  # rows that must end at exactly 90% of the eligible weights
+ROWS = {"dense": run_dense, "static_magnitude": run_static_magnitude, "dsr": run_dsr, "gradual": run_gradual,
+        "magnitude_2of4_oneshot": run_magnitude_2of4, "gumbel_2of4_mask_only": run_gumbel_2of4}
+SPARSE_90 = ("static_magnitude", "dsr", "gradual")  # rows that must end at exactly 90% of the eligible weights
 
 
 def main() -> None:
