@@ -42,6 +42,12 @@ class DataConfig(_Section):
     limit_val_batches: Optional[int] = Field(default=None, ge=1)
     download: bool = False  # cifar10/cifar100: torchvision may download the files when missing
     verify_checksums: bool = True  # cifar10/cifar100: read only the official files (md5); false for files you trust
+    prefetch: int = Field(default=2, ge=1)  # batches each worker loads ahead (workers > 0)
+    decoder: Literal["auto", "pil", "torchvision"] = "auto"  # imagefolder: how image files are decoded
+    auto_augment: Optional[Literal["imagenet", "rand", "trivial", "augmix"]] = None  # imagefolder train policy
+    random_erase: float = Field(default=0.0, ge=0.0, le=1.0)  # imagefolder train: probability of erasing a patch
+    mixup_alpha: float = Field(default=0.0, ge=0.0)  # > 0: MixUp on train batches (soft targets)
+    cutmix_alpha: float = Field(default=0.0, ge=0.0)  # > 0: CutMix on train batches (soft targets)
 
 
 class BlockPatternConfig(_Section):
