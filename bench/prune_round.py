@@ -45,7 +45,6 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0], default_repeats=5).parse_args()
     args_max_rounds = 50
 
-    import numpy as np
     import torch
     import torchvision
 

@@ -42,22 +42,12 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
 
 def read_tensors(path: Path) -> tuple[dict, dict, dict]:
     """(state, masks, metadata) of a sparsify checkpoint; (state, {}, {}) of a plain state dict."""
-    from sparsify.checkpoint import decode_metadata, read_metadata
+    from sparsify.checkpoint import parse_checkpoint, read_metadata
     from sparsify.models import read_weights_file
 
     if path.suffix == ".safetensors" and "format" in read_metadata(path):
-        from safetensors.torch import load_file
-
-        meta = decode_metadata(read_metadata(path), path)
-        try:
-            tensors = load_file(path)
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"{path} is damaged or truncated ({exc}); restore it or delete it") from None
-        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
-        if masks and not isinstance(meta.get("pattern"), dict):
-            raise CheckpointError(f"{path} has masks but no pattern in its metadata; it was not written by sparsify")
-        return state, masks, meta
+        ckpt = parse_checkpoint(path)
+        return ckpt.state, ckpt.masks, ckpt.meta
     return read_weights_file(path), {}, {}
 
 

@@ -144,8 +144,8 @@ def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     return meta
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Parse and validate a checkpoint file (without its hash); CheckpointError if inconsistent."""
+def parse_checkpoint(path: Path) -> Checkpoint:
+    """Split a checkpoint file into state, masks, extra tensors and metadata, without checking masks."""
     meta = decode_metadata(read_metadata(path), path)
     try:
         tensors = load_file(path)
@@ -154,15 +154,22 @@ def read_checkpoint(path: Path) -> Checkpoint:
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
     extra = {k: v for k, v in tensors.items() if k.startswith("gumbel.")}
+    if masks and not isinstance(meta.get("pattern"), dict):
+        raise CheckpointError(f"{path} has masks but no pattern in its metadata; it was not written by sparsify")
+    return Checkpoint(Path(path), state, masks, meta, extra=extra)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Parse and validate a checkpoint file (without its hash); CheckpointError if inconsistent."""
+    ckpt = parse_checkpoint(path)
+    state, masks, extra = ckpt.state, ckpt.masks, ckpt.extra
     if masks:
-        if not isinstance(meta.get("pattern"), dict):
-            raise CheckpointError(f"{path} has masks but no pattern in its metadata; it was not written by sparsify")
-        check_masks(state, masks, build_pattern(meta["pattern"]), source=path)
+        check_masks(state, masks, build_pattern(ckpt.meta["pattern"]), source=path)
     if extra:
         from sparsify.gumbel import check_gumbel_tensors
 
         check_gumbel_tensors(state, masks, extra, source=path)
-    return Checkpoint(Path(path), state, masks, meta, extra=extra)
+    return ckpt
 
 
 def load_checkpoint(path: Path, *, expected_sha256: str | None = None) -> Checkpoint:

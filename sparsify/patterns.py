@@ -86,18 +86,8 @@ class BlockPattern:
         return plane.expand(shape).contiguous()
 
 
-@PATTERNS.register("unstructured")
-@dataclass(frozen=True)
-class UnstructuredPattern:
-    """One element per group; the grid view is (COUT, everything else)."""
-
-    name = "unstructured"
-
-    def spec(self) -> dict:
-        return {"type": "unstructured"}
-
-    def ineligible_reason(self, module: nn.Module, shape: tuple[int, ...]) -> str | None:
-        return _conv_or_linear_reason(module)
+class ElementMasks:
+    """Masks with one entry per weight (element-level); the grid view is (COUT, everything else)."""
 
     def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape)
@@ -115,9 +105,23 @@ class UnstructuredPattern:
         return mask.reshape(shape).contiguous()
 
 
+@PATTERNS.register("unstructured")
+@dataclass(frozen=True)
+class UnstructuredPattern(ElementMasks):
+    """One element per group (iterative magnitude pruning)."""
+
+    name = "unstructured"
+
+    def spec(self) -> dict:
+        return {"type": "unstructured"}
+
+    def ineligible_reason(self, module: nn.Module, shape: tuple[int, ...]) -> str | None:
+        return _conv_or_linear_reason(module)
+
+
 @PATTERNS.register("nm")
 @dataclass(frozen=True)
-class NMPattern:
+class NMPattern(ElementMasks):
     """n kept of every m consecutive input channels at fixed (cout, kh, kw); masks are element-level.
 
     The layout sparse tensor cores need (2:4). A tail of fewer than m channels keeps min(n, tail),
@@ -138,21 +142,6 @@ class NMPattern:
         if shape[0] % 8 or shape[1] % 16 or shape[1] % self.m:
             return f"needs COUT % 8 == 0 and CIN % 16 == 0 for {self.n}:{self.m} (has {shape[0]}x{shape[1]})"
         return None
-
-    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(shape)
-
-    def grid(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask.reshape(mask.shape[0], -1)
-
-    def group_sum(self, values: torch.Tensor) -> torch.Tensor:
-        return values
-
-    def group_sizes(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.ones(shape, dtype=torch.float64)
-
-    def expand(self, mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return mask.reshape(shape).contiguous()
 
     def target_zeros(self, shape: tuple[int, ...]) -> int:
         """Zeros once every group keeps n (a tail of t < m channels keeps min(n, t))."""

@@ -28,7 +28,7 @@ from sparsify.patterns import build_pattern, describe_pattern
 from sparsify.prune import PruneSettings, find_layers, prune_round
 from sparsify.regroup import describe_regroup, imp_at_target, regroup_round
 from sparsify.rewind import rewind_callbacks, rewind_model_, rewind_state
-from sparsify.train import OptimConfig, evaluate, resolve_device, train_epochs
+from sparsify.train import evaluate, resolve_device
 
 
 def log(message: str) -> None:

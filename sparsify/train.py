@@ -8,6 +8,8 @@ DistributedDataParallel and metrics are summed over ranks.
 Callbacks (methods that change masks during training, e.g. dynamic sparsity) are objects passed
 as `train_epochs(..., callbacks=[...])`; each may define any of:
 
+- `prepare(model, enforcer, steps_per_epoch=N)`: once, before the optimizer is built (for
+  methods that add trainable parameters, e.g. gumbel's logits); called by the train stage;
 - `on_train_start(model, enforcer)`: once, before the first step (on a resume: before the
   saved state, theirs included, is restored);
 - `after_step(step, epoch, model, enforcer)`: after every optimizer step, once
@@ -16,6 +18,8 @@ as `train_epochs(..., callbacks=[...])`; each may define any of:
   (masks are compared by hash at every train-state save and at the end of the stage);
 - `state_dict()` / `load_state_dict(state)`: saved in the train-state and restored on resume
   (values: tensors, numbers, strings, lists, dicts).
+- `on_train_end(model, enforcer)`: once, after the last step and before the checkpoint is
+  written (e.g. to remove wrappers and install the final masks); called by the train stage.
 
 The masks a stage ends with are `enforcer.masks`; the pipeline saves those in the checkpoint.
 """
