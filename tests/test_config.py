@@ -1,5 +1,7 @@
 """Config: strict keys and types, --set overrides, one-line errors."""
 
+from pathlib import Path
+
 import pytest
 
 from sparsify.config import config_hash, load_config
@@ -61,3 +63,9 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
 def test_hash_follows_the_resolved_values(tmp_path):
     assert config_hash(load_config(None)) == config_hash(load_config(None, ["seed=0"]))
     assert config_hash(load_config(None)) != config_hash(load_config(None, ["seed=1"]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    config = load_config(path)
+    assert config.name and config.run_dir.name == config.name
