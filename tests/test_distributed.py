@@ -114,3 +114,40 @@ def test_first_divergence_names_the_first_layer_in_name_order():
     other = mask_digests({"x": torch.tensor([True, True])})
     assert first_divergence([same, same, other]) == "the mask of x differs between rank 0 and rank 2"
     assert "is missing" in first_divergence([same, []])
+
+
+METHOD_CONFIG = textwrap.dedent(
+    """\
+    name: m
+    device: cpu
+    model: {arch: tiny_resnet, num_classes: 4}
+    data: {dataset: fake, fake_samples: 32, batch_size: 8}
+    train: {epochs: 1, lr: 0.01}
+    """
+)
+METHODS = {
+    "dsr": ["sparsity.method=dsr", "sparsity.pattern={type: unstructured}", "sparsity.criterion=l1",
+            "sparsity.target=0.9", "sparsity.dsr.period=1"],
+    "gradual": ["sparsity.method=gradual", "sparsity.pattern={type: unstructured}", "sparsity.criterion=l1",
+                "sparsity.target=0.8", "sparsity.gradual.end=1"],
+    "gumbel": ["sparsity.method=gumbel", "sparsity.pattern={type: nm}"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_mask_changing_methods_under_two_processes_through_nproc(tmp_path, method):
+    """`sparsify train --nproc 2` (torch.distributed.run) with masks that change while training."""
+    (tmp_path / "m.yaml").write_text(METHOD_CONFIG)
+    sets = [arg for item in METHODS[method] for arg in ("--set", item)]
+    base = [sys.executable, "-m", "sparsify"]
+    for command in (["download"], ["train", "--nproc", "2"]):
+        done = subprocess.run(base + command + ["-c", "m.yaml", *sets], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "x 2 processes" in done.stderr
+    history = (tmp_path / "runs/m/history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["stage"] for line in history] == ["pretrained", "trained"]  # written once
+    checked = subprocess.run(base + ["check", "runs/m/checkpoints/001-r00-trained.safetensors",
+                                     "--pattern", "2:4" if method == "gumbel" else "unstructured"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
