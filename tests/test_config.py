@@ -69,3 +69,23 @@ def test_hash_follows_the_resolved_values(tmp_path):
 def test_every_shipped_config_is_valid(path):
     config = load_config(path)
     assert config.name and config.run_dir.name == config.name
+
+
+def config_keys(model, prefix=""):
+    """Every key path of the config models, e.g. `train.lr`, `sparsity.permute.enabled`."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        yield prefix + name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from config_keys(annotation, prefix + name + ".")
+
+
+def test_every_config_key_is_documented_in_the_readme():
+    from sparsify.config import RunConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme[readme.index("## Config"):readme.index("```", readme.index("```yaml", readme.index("## Config")) + 7)]
+    missing = [key for key in config_keys(RunConfig) if f"{key.rsplit('.', 1)[-1]}:" not in block]
+    assert missing == []
