@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchutil import emit, median, parser, progress, ratio, summary  # noqa: E402
+from _benchutil import emit, median, parser, progress, pruned_resnet18, ratio, summary  # noqa: E402
 
 TARGET_RATIO = 1.03
 
@@ -39,20 +39,12 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    import torchvision
     from torch import nn
 
-    from sparsify.masks import MaskEnforcer, full_masks
-    from sparsify.patterns import BlockPattern
-    from sparsify.prune import PruneSettings, find_layers, prune_round
+    from sparsify.masks import MaskEnforcer
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    pattern = BlockPattern(8, 8)
-    eligible = [l.name for l in find_layers(model, pattern, include_linear=False, exclude=[]) if l.reason is None]
-    settings = PruneSettings(pattern, "variance", 0.5, 0.5, "remaining", True, True, False)
-    masks, _ = prune_round(dict(model.named_parameters()), full_masks(model, eligible, pattern), settings)
-    MaskEnforcer(model, masks, pattern).apply_()
+    model, masks, pattern = pruned_resnet18()
+    eligible = list(masks)
     params = dict(model.named_parameters())
     eligible_weights = sum(params[n].numel() for n in eligible)
     zeroed = sum(int((params[n] == 0).sum()) for n in eligible)

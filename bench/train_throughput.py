@@ -27,28 +27,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchutil import emit, median, parser, progress, ratio, summary  # noqa: E402
+from _benchutil import emit, median, parser, progress, pruned_resnet18, ratio, summary  # noqa: E402
 
 TARGET_RATIO = 0.97
-
-
-def pruned_resnet18():
-    """resnet18 with one round of block 8x8 masks applied; returns model, masks, pattern."""
-    import torch
-    import torchvision
-
-    from sparsify.masks import MaskEnforcer, full_masks
-    from sparsify.patterns import BlockPattern
-    from sparsify.prune import PruneSettings, find_layers, prune_round
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    pattern = BlockPattern(8, 8)
-    eligible = [l.name for l in find_layers(model, pattern, include_linear=False, exclude=[]) if l.reason is None]
-    settings = PruneSettings(pattern, "variance", 0.5, 0.5, "remaining", True, True, False)
-    masks, _ = prune_round(dict(model.named_parameters()), full_masks(model, eligible, pattern), settings)
-    MaskEnforcer(model, masks, pattern).apply_()
-    return model, masks, pattern
 
 
 def plain_epoch(model, loader, *, device) -> None:
