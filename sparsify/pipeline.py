@@ -263,7 +263,7 @@ def prune(config: RunConfig) -> StageResult:
                                          taylor=taylor)
         zeroed = sum(e.zeros_after - e.zeros_before for e in entries)
         if zeroed == 0:
-            raise TargetReached(_target_message(entries, s.target))
+            raise TargetReached(_target_message(entries, s.target, scope=s.scope))
         regroup_meta = {}
         if s.regroup.enabled:
             new_masks, regroup_meta["regroup"] = regroup_round(
@@ -312,8 +312,11 @@ def taylor_saliency(config: RunConfig, loaded: LoadedRun, masks: dict, pattern) 
         loaded.model.cpu()
 
 
-def _target_message(entries, target: float) -> str:
+def _target_message(entries, target: float, *, scope: str = "layer") -> str:
     stuck = [e for e in entries if e.zeros_before < e.target_zeros]
+    if scope == "global":
+        return (f"nothing left to prune: the eligible weights reached the model-wide target ({target:.0%}) "
+                "or the constraints hold the rest; see `sparsify report`")
     if not stuck:
         return f"every eligible layer is at its target ({target:.0%}); nothing left to prune"
     return (f"no more groups can be pruned: {len(entries) - len(stuck)} layers are at the target and "
