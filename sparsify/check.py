@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsify.errors import CheckpointError, SparsifyError
+from sparsify.errors import SparsifyError
 from sparsify.patterns import build_pattern, describe_pattern, parse_pattern
 
 

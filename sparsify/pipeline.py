@@ -88,6 +88,16 @@ def image_preset_for(meta: dict):
     return image_preset(meta["arch"], weights=meta.get("weights"), input_size=meta["input_size"])
 
 
+def checkpoint_loaders(config: RunConfig, meta: dict, *, seed: int, pin_memory: bool, rank: int = 0,
+                       world_size: int = 1):
+    """(train, val) loaders shaped for the checkpoint's model (its input size, classes, preset)."""
+    from sparsify.data import build_loaders
+
+    return build_loaders(config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
+                         in_channels=meta["in_channels"], seed=seed, pin_memory=pin_memory,
+                         preset=image_preset_for(meta), rank=rank, world_size=world_size)
+
+
 def build_model_for(meta: dict) -> nn.Module:
     """An untrained model with the architecture recorded in checkpoint metadata."""
     from sparsify.models import build_model
@@ -296,13 +306,10 @@ def describe_permutation(record: dict) -> str:
 def taylor_saliency(config: RunConfig, loaded: LoadedRun, masks: dict, pattern) -> dict[str, torch.Tensor]:
     """Criterion taylor: |w * dL/dw| over `criterion_batches` training batches, with the masks applied."""
     from sparsify.criteria import accumulate_taylor
-    from sparsify.data import build_loaders
 
     meta = loaded.checkpoint.meta
     device = resolve_device(config.device)
-    train_loader, _ = build_loaders(config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
-                                    in_channels=meta["in_channels"], seed=config.seed + meta["round"] + 1,
-                                    pin_memory=False, preset=image_preset_for(meta))
+    train_loader, _ = checkpoint_loaders(config, meta, seed=config.seed + meta["round"] + 1, pin_memory=False)
     model = loaded.model.to(device)
     MaskEnforcer(model, masks, pattern).apply_()
     try:
@@ -343,7 +350,7 @@ def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained
             callbacks += activation_callbacks(config.activations, seed=config.seed)
             callbacks += rewind_callbacks(config, run, loaded.checkpoint)  # rewind: {epoch: E} saves in round 0
             done = finetune(config, run, loaded, epochs=n_epochs, device=device, info=info, log=log,
-                            preset=image_preset_for(meta), callbacks=callbacks)
+                            callbacks=callbacks)
             metrics = {k: round(v, 4) for k, v in done.metrics.items()}
             metrics["epochs"] = n_epochs
             result = run_on_main(write_trained, run, config, command=command, parent=loaded.checkpoint,
@@ -370,17 +377,13 @@ def write_trained(run: RunDir, config: RunConfig, *, command: str, parent: Check
 
 def eval_latest(config: RunConfig) -> StageResult:
     """Evaluate the latest checkpoint on the validation set (no new checkpoint)."""
-    from sparsify.data import build_loaders
-
     run = RunDir(config.run_dir)
     with run.lock("eval"):
         started = time.perf_counter()
         loaded = load_run(run)
         meta = loaded.checkpoint.meta
         device = resolve_device(config.device)
-        _, val_loader = build_loaders(config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
-                                      in_channels=meta["in_channels"], seed=config.seed,
-                                      pin_memory=device.type == "cuda", preset=image_preset_for(meta))
+        _, val_loader = checkpoint_loaders(config, meta, seed=config.seed, pin_memory=device.type == "cuda")
         for sites in activation_callbacks(config.activations, seed=config.seed):  # masks are not in checkpoints
             sites.prepare(loaded.model)
         metrics = {k: round(v, 4) for k, v in evaluate(loaded.model.to(device), val_loader, device=device,

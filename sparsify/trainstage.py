@@ -135,18 +135,16 @@ def make_saver(path: Path, identity: dict, info: DistInfo, pattern) -> Callable[
 
 
 def finetune(config: RunConfig, run: RunDir, loaded, *, epochs: int, device: torch.device, info: DistInfo,
-             log: Callable[[str], None], callbacks: list | tuple = (), preset=None) -> Finetuned:
+             log: Callable[[str], None], callbacks: list | tuple = ()) -> Finetuned:
     """Train the loaded checkpoint for `epochs` on this rank (resuming a matching train-state), evaluate."""
-    from sparsify.data import build_loaders
+    from sparsify.pipeline import checkpoint_loaders
 
     t, meta = config.train, loaded.checkpoint.meta
     stage_seed = config.seed + len(run.checkpoints())
     with deterministic_mode(t.deterministic):
         seed_everything(stage_seed + info.rank)
-        train_loader, val_loader = build_loaders(
-            config.data, input_size=meta["input_size"], num_classes=meta["num_classes"],
-            in_channels=meta["in_channels"], seed=stage_seed, pin_memory=device.type == "cuda",
-            preset=preset, rank=info.rank, world_size=info.world_size)
+        train_loader, val_loader = checkpoint_loaders(config, meta, seed=stage_seed, pin_memory=device.type == "cuda",
+                                                      rank=info.rank, world_size=info.world_size)
         model = loaded.model.to(device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
