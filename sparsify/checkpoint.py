@@ -89,6 +89,18 @@ def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return out
 
 
+def nonfinite_entries(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or inf (weights, BatchNorm statistics, ...)."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def describe_nonfinite(names: list[str]) -> str:
+    """'conv1.weight' or 'conv1.weight and 3 more tensors'."""
+    more = len(names) - 1
+    return names[0] + (f" and {more} more tensor{'s' if more > 1 else ''}" if more else "")
+
+
 def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict, extra: dict | None = None) -> str:
     """Atomically write a checkpoint; returns the file's sha256 (hashed while the file syncs).
 
@@ -98,6 +110,10 @@ def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict, extra: dic
     tensors = _cpu_tensors(state, "model.")
     tensors.update(_cpu_tensors(masks, "mask."))
     tensors.update(_cpu_tensors(extra or {}, ""))
+    bad = nonfinite_entries(tensors)
+    if bad:  # the loader would refuse the file: never write it
+        raise CheckpointError(f"refusing to write {path.name}: NaN or inf in {describe_nonfinite(bad)}; "
+                              "the stage that made these values diverged (lower train.lr or set train.clip_grad_norm)")
     metadata = {key: json.dumps(value) for key, value in meta.items()}
     metadata["format"] = json.dumps(FORMAT_VERSION)
     tmp = _temporary_path(path)
@@ -163,6 +179,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """Parse and validate a checkpoint file (without its hash); CheckpointError if inconsistent."""
     ckpt = parse_checkpoint(path)
     state, masks, extra = ckpt.state, ckpt.masks, ckpt.extra
+    bad = nonfinite_entries({**state, **extra})
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN or inf in {describe_nonfinite(bad)}: the training that wrote it diverged. "
+            "Delete this file and every later checkpoint of the run to go back to the last good one, then "
+            "train again with a lower train.lr (or train.clip_grad_norm, or amp: bf16 instead of fp16)")
     if masks:
         check_masks(state, masks, build_pattern(ckpt.meta["pattern"]), source=path)
     if extra:

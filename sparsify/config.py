@@ -19,8 +19,11 @@ from pydantic import model_validator
 from sparsify.errors import ConfigError, SparsifyError
 
 
+MAX_LR = 10.0  # no optimizer here trains with a larger step; 1e308 or inf only turns weights into NaN
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # .inf / .nan are refused
 
 
 class ModelConfig(_Section):
@@ -227,7 +230,7 @@ class EmaConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(default=1, ge=1)  # per `sparsify train` unless --epochs is given
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(default=0.001, gt=0.0)
+    lr: float = Field(default=0.001, gt=0.0, le=MAX_LR)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0001, ge=0.0)
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"  # within one train stage
@@ -247,6 +250,14 @@ class TrainConfig(_Section):
     log_every: int = Field(default=50, ge=1)  # steps between rows of metrics.csv
     tensorboard: bool = False  # also log to runs/<name>/tensorboard (needs the tensorboard package)
     trainable: Literal["all", "mask"] = "all"  # mask: only the learned mask logits train (method gumbel)
+    threads: Union[Literal["auto"], int] = "auto"  # torch CPU threads: auto (see sparsify.threads) | N >= 1
+
+    @field_validator("threads", mode="plain")
+    @classmethod
+    def _threads(cls, value: Any) -> Union[str, int]:
+        if value == "auto" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError("must be auto or an integer >= 1 (torch CPU threads), e.g. threads: 1")
 
 
 class ActivationsConfig(_Section):

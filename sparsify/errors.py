@@ -33,3 +33,11 @@ class TargetReached(SparsifyError):
     """Every eligible layer is at its target; `prune` exits 3 so shell loops stop."""
 
     exit_code = 3
+
+
+class TrainingDiverged(SparsifyError):
+    """The training loss (or, under fp16, the gradients at the smallest loss scale) stopped being finite."""
+
+    def __init__(self, message: str, *, epoch: int | None = None, step: int | None = None) -> None:
+        super().__init__(message)
+        self.epoch, self.step = epoch, step

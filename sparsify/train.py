@@ -36,11 +36,16 @@ import torch
 from torch import nn
 
 from sparsify.distributed import current_info, reduce_sums
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, TrainingDiverged
 from sparsify.masks import MaskEnforcer
 from sparsify.trainlog import StepTimer, TrainLog
 
 AUX_LOSS_WEIGHT = 0.4  # inception_v3 / googlenet auxiliary heads, as in torchvision's references
+GIVE_UP_SCALE = 1.0  # fp16: a step skipped at this loss scale or below overflows even unscaled
+
+
+class NonFinite(Exception):
+    """A step produced a loss (or fp16 gradients) that training cannot recover from."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,7 @@ class Trainer:
     device: torch.device
     callbacks: list = field(default_factory=list)
     ema: object | None = None
+    log_window: torch.Tensor | None = None  # loss * n, correct, n since the last metrics row
     wrapped: nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     scaler: object | None = None
@@ -185,29 +191,42 @@ class Trainer:
         self.scaler = make_scaler(self.device, self.options.amp)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.options.label_smoothing)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.log_window = torch.zeros(3, dtype=torch.float64, device=self.device)
 
-    def step(self, images: torch.Tensor, target: torch.Tensor, *, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step with masks exact; returns the (detached) loss and the logits."""
+    def step(self, images: torch.Tensor, target: torch.Tensor, *, lr: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step with masks exact; returns the (detached) loss, the logits and
+        whether the step counts (False: fp16 skipped it for non-finite gradients).
+
+        Raises NonFinite, before any weight changes, when the loss is not finite on some rank
+        (without a GradScaler), or when fp16 still overflows at a loss scale of GIVE_UP_SCALE.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast_for(self.device, self.options.amp):
             loss, logits = classification_loss(self.wrapped(images), target, self.criterion)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
+        if self.scaler is None:
+            if not finite_on_every_rank(loss):
+                raise NonFinite(f"the training loss is {describe_value(loss)}")
+            loss.backward()
+        else:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         self.enforcer.mask_grads_()
         if self.options.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.params, self.options.clip_grad_norm)
+        counted = True
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            counted = self.scaler.get_scale() >= scale  # the scale shrinks exactly when the step was skipped
+            if not counted and scale <= GIVE_UP_SCALE:
+                raise NonFinite(f"fp16 gradients overflow even at loss scale {scale:g} (loss {describe_value(loss)})")
         else:
             self.optimizer.step()
         self.enforcer.apply_()
-        return loss.detach(), logits.detach()
+        return loss.detach(), logits.detach(), counted
 
     def after_step(self, step: int, epoch: int) -> None:
         """EMA update, then the callbacks' hook (masks already applied)."""
@@ -220,7 +239,8 @@ class Trainer:
     def parts(self) -> dict:
         """Nested state of everything besides weights and masks (for the train-state)."""
         parts = {"optimizer": self.optimizer.state_dict(),
-                 "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]}
+                 "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks],
+                 "log_window": self.log_window.clone()}
         if self.scaler is not None:
             parts["scaler"] = self.scaler.state_dict()
         if self.ema is not None:
@@ -237,6 +257,24 @@ class Trainer:
             self.scaler.load_state_dict(parts["scaler"])
         if self.ema is not None and "ema" in parts:
             self.ema.load_state_dict(parts["ema"])
+        if "log_window" in parts:  # train-states written before the window was saved lack it
+            self.log_window.copy_(parts["log_window"])
+
+
+def finite_on_every_rank(value: torch.Tensor) -> bool:
+    """True when `value` is finite on this rank and every other (one all-reduce under torchrun)."""
+    bad = (~torch.isfinite(value.detach())).any().to(torch.float64).reshape(1)
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(bad)
+    return bool(bad.item() == 0)
+
+
+def describe_value(value: torch.Tensor) -> str:
+    """'nan', 'inf' or the number (for error messages)."""
+    number = float(value.detach().float())
+    return "nan" if math.isnan(number) else ("inf" if math.isinf(number) else f"{number:g}")
 
 
 def to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
@@ -296,6 +334,8 @@ def train_epochs(
         if hasattr(callback, "on_train_start"):
             callback.on_train_start(model, enforcer)
     position = resume(trainer) if resume else Position()
+    if position.batch >= per_epoch:  # saved right after an epoch's last batch: go on with the next epoch
+        position = Position(position.epoch + 1, 0, position.step)
     train_log = train_log or TrainLog(log=log)
     saver = SaveClock(options, save_state)
     global_batch = train_loader.batch_size * current_info().world_size
@@ -343,10 +383,13 @@ def _distributed() -> bool:
 
 def train_epoch(trainer: Trainer, batches: Iterable, *, position: Position, per_epoch: int, total: int,
                 bar, saver: SaveClock, train_log: TrainLog) -> dict[str, float]:
-    """The batches of one epoch from `position.batch` on; returns loss, top-1, img/s, data-wait share."""
+    """The batches of one epoch from `position.batch` on; returns loss, top-1, img/s, data-wait share.
+
+    Raises TrainingDiverged (naming the epoch and step) at the first step that cannot be recovered.
+    """
     trainer.wrapped.train()
     device, options = trainer.device, trainer.options
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n over the epoch
     timer = StepTimer()
     batch, step = position.batch, position.step
     for images, target in batches:
@@ -355,16 +398,25 @@ def train_epoch(trainer: Trainer, batches: Iterable, *, position: Position, per_
         images, target = to_device(images, target, device, options.channels_last)
         timer.got_batch()
         lr = lr_at(step, total, trainer.cfg, steps_per_epoch=per_epoch)
-        loss, logits = trainer.step(images, target, lr=lr)
+        try:
+            loss, logits, counted = trainer.step(images, target, lr=lr)
+        except NonFinite as exc:
+            raise TrainingDiverged(f"epoch {position.epoch + 1}, step {step + 1}: {exc}",
+                                   epoch=position.epoch, step=step + 1) from None
         batch, step = batch + 1, step + 1
         trainer.after_step(step, position.epoch)
         n = len(target)
-        sums += torch.stack([loss.double() * n, count_correct(logits, target).double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+        if counted:  # an fp16 step skipped for overflow trained nothing and has no finite loss
+            added = torch.stack([loss.double() * n, count_correct(logits, target).double(),
+                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            sums += added
+            trainer.log_window += added
         timer.stepped(n)
         log_step = step % options.log_every == 0
         if log_step or batch == per_epoch:
-            train_log.record(step=step, epoch=position.epoch, sums=sums, lr=lr, timer=timer, device=device)
+            train_log.record(step=step, epoch=position.epoch, window=trainer.log_window, lr=lr, timer=timer,
+                             device=device)
+            trainer.log_window.zero_()
         bar.advance(step=step, lr=lr, sums=sums, timer=timer)
         saver.maybe_save(trainer, Position(position.epoch, batch, step), log_step=log_step)
     loss_sum, correct, seen = reduce_sums(sums.tolist(), device)

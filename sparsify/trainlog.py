@@ -81,7 +81,6 @@ class TrainLog:
                  round_: int = 0, start: str = "", tensorboard_dir: Path | None = None) -> None:
         self.log, self.csv_path, self.round, self.start = log, csv_path, round_, start
         self.is_main = current_info().is_main
-        self.last_sums: torch.Tensor | None = None
         self.writer = open_tensorboard(tensorboard_dir) if tensorboard_dir and self.is_main else None
 
     @contextmanager
@@ -97,24 +96,26 @@ class TrainLog:
             task = progress.add_task("train", total=total, completed=done, status=f"global batch {global_batch}")
             yield Bar(progress, task, global_batch=global_batch)
 
-    def record(self, *, step: int, epoch: int, sums: torch.Tensor, lr: float, timer: StepTimer,
+    def record(self, *, step: int, epoch: int, window: torch.Tensor, lr: float, timer: StepTimer,
                device: torch.device) -> None:
-        """One metrics row (loss since the last row, summed over ranks); every rank calls this."""
-        window = sums if self.last_sums is None else sums - self.last_sums
-        self.last_sums = sums.clone()
+        """One metrics row; every rank calls this with its (loss * n, correct, n) since the last row.
+
+        The row's loss is the mean loss per image of the steps in the window, over all ranks.
+        """
         images, seconds, waited = timer.take_window()
         loss_sum, _, seen, images_all = reduce_sums([*window.tolist(), float(images)], device)
         if not self.is_main:
             return
         row = {"time": round(time.time(), 3), "round": self.round, "start": self.start, "epoch": epoch,
-               "step": step, "loss": round(loss_sum / max(seen, 1), 6), "lr": lr,
+               "step": step, "loss": round(loss_sum / seen, 6) if seen else "", "lr": lr,
                "images_per_s": round(images_all / max(seconds, 1e-9), 1),
                "data_wait": round(waited / max(seconds, 1e-9), 4)}
         if self.csv_path is not None:
             append_row(self.csv_path, row)
         if self.writer is not None:
             for key in ("loss", "lr", "images_per_s", "data_wait"):
-                self.writer.add_scalar(f"train/{key}", row[key], global_step=step)
+                if row[key] != "":
+                    self.writer.add_scalar(f"train/{key}", row[key], global_step=step)
 
     def close(self) -> None:
         if self.writer is not None:

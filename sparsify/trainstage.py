@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsify.checkpoint import RunDir
+from sparsify.checkpoint import RunDir, describe_nonfinite, nonfinite_entries
 from sparsify.config import RunConfig, config_hash
-from sparsify.distributed import (DistInfo, barrier, check_masks_agree, gather_objects)
-from sparsify.errors import CheckpointError, SparsifyError
+from sparsify.distributed import DistInfo, barrier, check_masks_agree, gather_objects, reduce_sums
+from sparsify.errors import CheckpointError, SparsifyError, TrainingDiverged
 from sparsify.masks import MaskEnforcer, find_unmasked_nonzeros
 from sparsify.patterns import build_pattern
 from sparsify.train import LoopOptions, OptimConfig, Position, Trainer, evaluate, train_epochs
@@ -79,6 +79,32 @@ def check_no_drift(model: nn.Module, enforcer: MaskEnforcer, pattern, *, rank: i
                             "a callback or optimizer changed them without enforcer.apply_(); this is a bug, report it")
 
 
+def check_finite(model: nn.Module, device: torch.device, *, where: str) -> None:
+    """Every weight and statistic (BatchNorm running averages too) finite on every rank, else TrainingDiverged."""
+    bad = nonfinite_entries(model.state_dict())
+    if reduce_sums([float(len(bad))], device)[0] > 0:
+        what = f"NaN or inf in {describe_nonfinite(bad)}" if bad else "NaN or inf on another rank"
+        raise TrainingDiverged(f"{where}: {what} (an overflow, e.g. fp16 in BatchNorm statistics)")
+
+
+def diverged_message(exc: TrainingDiverged, *, round_: int, latest: str, lr: float, amp: str) -> str:
+    """What happened, that nothing was written, and what to change."""
+    fixes = f"lower train.lr (now {lr:g}), set train.clip_grad_norm"
+    fixes += ", or use train.amp: bf16 instead of fp16" if amp == "fp16" else ""
+    return (f"training diverged in round {round_}, {exc}; nothing was saved and the run's latest checkpoint "
+            f"is still {latest}: {fixes}, then run the command again")
+
+
+@contextmanager
+def stops_on_divergence(*, round_: int, latest: str, lr: float, amp: str):
+    """Re-raise TrainingDiverged with the round, the checkpoint that stays the latest, and the fixes."""
+    try:
+        yield
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(diverged_message(exc, round_=round_, latest=latest, lr=lr, amp=amp),
+                               epoch=exc.epoch, step=exc.step) from None
+
+
 def build_ema(ema_cfg, model: nn.Module):
     """The EMA of the weights when `train.ema` is set."""
     if ema_cfg is None:
@@ -91,13 +117,18 @@ def build_ema(ema_cfg, model: nn.Module):
 def make_resume(path: Path, identity: dict, info: DistInfo, *, log, csv_path: Path) -> Callable[[Trainer], Position]:
     """A function restoring a matching train-state into the trainer (fresh start otherwise)."""
 
+    def fresh() -> Position:  # rows an earlier, unfinished attempt of this stage logged are forgotten
+        if info.is_main:
+            drop_rows_after(csv_path, start=identity["start_checkpoint"], step=0)
+        return Position()
+
     def resume(trainer: Trainer) -> Position:
         if not path.is_file():
-            return Position()
+            return fresh()
         state = load_train_state(path)
         if not state.matches(**identity):
             log(f"{path.name} belongs to another stage or config; this stage starts from its beginning")
-            return Position()
+            return fresh()
         if state.world_size != info.world_size:
             raise CheckpointError(f"{path} was written by {state.world_size} process(es) and this job has "
                                   f"{info.world_size}; rerun with --nproc {state.world_size} (torchrun --nproc_per_node), "
@@ -122,6 +153,7 @@ def make_saver(path: Path, identity: dict, info: DistInfo, pattern) -> Callable[
 
     def save(trainer: Trainer, position: Position) -> None:
         rng = gather_objects(capture_rng())
+        check_finite(trainer.model, trainer.device, where=f"epoch {position.epoch + 1}, step {position.step}")
         check_no_drift(trainer.model, trainer.enforcer, pattern, rank=info.rank)
         check_masks_agree(trainer.enforcer.masks)
         if info.is_main:
@@ -162,27 +194,30 @@ def finetune(config: RunConfig, run: RunDir, loaded, *, epochs: int, device: tor
         train_log = TrainLog(log=log, csv_path=csv_path, round_=meta["round"], start=identity["start_checkpoint"],
                              tensorboard_dir=run.root / "tensorboard" if t.tensorboard else None)
         ema = build_ema(t.ema, model)
-        try:
-            metrics = train_epochs(
-                model, train_loader, enforcer=enforcer, cfg=optim_config(t), epochs=epochs, device=device,
-                limit=config.data.limit_train_batches, log=log, options=loop_options(t), callbacks=callbacks,
-                ema=ema, train_log=train_log,
-                resume=make_resume(state_path, identity, info, log=log, csv_path=csv_path),
-                save_state=make_saver(state_path, identity, info, pattern))
-        finally:
-            train_log.close()
-        for callback in callbacks:  # e.g. gumbel: install the argmax masks, zero the weights under them
-            if hasattr(callback, "on_train_end"):
-                callback.on_train_end(model, enforcer)
-        check_no_drift(model, enforcer, pattern, rank=info.rank)
-        check_masks_agree(enforcer.masks)
-        metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches,
-                                amp=t.amp, channels_last=t.channels_last))
-        if ema is not None:  # the checkpoint keeps the averaged weights; live_* are the last step's
-            metrics.update({f"live_{k}": v for k, v in metrics.items() if k.startswith("val_")})
-            ema.copy_to_(model)
-            enforcer.apply_()
+        with stops_on_divergence(round_=meta["round"], latest=loaded.checkpoint.path.name, lr=t.lr, amp=t.amp):
+            try:
+                metrics = train_epochs(
+                    model, train_loader, enforcer=enforcer, cfg=optim_config(t), epochs=epochs, device=device,
+                    limit=config.data.limit_train_batches, log=log, options=loop_options(t), callbacks=callbacks,
+                    ema=ema, train_log=train_log,
+                    resume=make_resume(state_path, identity, info, log=log, csv_path=csv_path),
+                    save_state=make_saver(state_path, identity, info, pattern))
+            finally:
+                train_log.close()
+            for callback in callbacks:  # e.g. gumbel: install the argmax masks, zero the weights under them
+                if hasattr(callback, "on_train_end"):
+                    callback.on_train_end(model, enforcer)
+            check_finite(model, device, where=f"after {epochs} epoch(s)")
+            check_no_drift(model, enforcer, pattern, rank=info.rank)
+            check_masks_agree(enforcer.masks)
             metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches,
                                     amp=t.amp, channels_last=t.channels_last))
+            if ema is not None:  # the checkpoint keeps the averaged weights; live_* are the last step's
+                metrics.update({f"live_{k}": v for k, v in metrics.items() if k.startswith("val_")})
+                ema.copy_to_(model)
+                enforcer.apply_()
+                check_finite(model, device, where="in the EMA weights")
+                metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches,
+                                        amp=t.amp, channels_last=t.channels_last))
     model = model.to(memory_format=torch.contiguous_format).cpu()
     return Finetuned(model, dict(enforcer.masks), metrics)

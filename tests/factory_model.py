@@ -22,3 +22,26 @@ def build_classes_only(num_classes: int) -> nn.Module:
 def not_a_model(num_classes: int) -> str:
     """Returns something other than a module."""
     return "model"
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant (no parameters)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def build_exploding(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A CNN fed inputs scaled by 1e20: its first SGD step makes weights of about 1e20, and the
+    second forward overflows float32 (the loss becomes NaN), as an unnormalised input does."""
+    return nn.Sequential(
+        Scale(1e20),
+        nn.Conv2d(in_channels, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
