@@ -87,9 +87,9 @@ def pruned_resnet18():
     import torch
     import torchvision
 
-    from sparsify.masks import MaskEnforcer, full_masks
-    from sparsify.patterns import BlockPattern
-    from sparsify.prune import PruneSettings, find_layers, prune_round
+    from sparsify.core.masks import MaskEnforcer, full_masks
+    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)

@@ -4,8 +4,8 @@ Data: torchvision resnet50 (random weights) after one prune round (block 8x8, va
 target 0.5, step 0.2), its state_dict plus the 52 block masks and metadata like a real prune
 stage writes (pattern, settings, per-layer prune log, versions, ...).
 
-  target:   sha = sparsify.checkpoint.save_checkpoint(path, state, masks, meta)
-            sparsify.checkpoint.load_checkpoint(path, expected_sha256=sha)
+  target:   sha = sparsify.io.checkpoint.save_checkpoint(path, state, masks, meta)
+            sparsify.io.checkpoint.load_checkpoint(path, expected_sha256=sha)
   baseline: safetensors.torch.save_file(state, path); safetensors.torch.load_file(path)
 
 Files go to a scratch folder inside bench/results/ (git-ignored, the same disk as runs/;
@@ -47,10 +47,10 @@ def main() -> None:
     import torch
     import torchvision
 
-    from sparsify.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-    from sparsify.masks import MaskEnforcer, full_masks
-    from sparsify.patterns import BlockPattern
-    from sparsify.prune import PruneSettings, find_layers, prune_round
+    from sparsify.io.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from sparsify.core.masks import MaskEnforcer, full_masks
+    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
     torch.manual_seed(0)
     progress("building resnet50 and pruning one round")

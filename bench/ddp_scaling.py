@@ -1,7 +1,7 @@
 """Images/s of sparsify's train loop on 1 vs 2 gloo processes (CPU), with block masks enforced.
 
 Each repeat starts `world` processes (torch.multiprocessing, gloo, file rendezvous); each runs
-`sparsify.train.train_epochs` on `tiny_resnet` with 50% 8x8 block masks over in-memory images
+`sparsify.training.loop.train_epochs` on `tiny_resnet` with 50% 8x8 block masks over in-memory images
 (DistributedSampler shards, DDP averages gradients). The second of two epochs is timed; the
 figure is the sum over ranks of images/s. Every process uses one thread (torchrun's default
 OMP_NUM_THREADS=1). Worlds alternate for `--repeats` rounds.
@@ -31,13 +31,14 @@ def worker(rank: int, world: int, init_file: str, out: str, batch: int, samples:
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset
 
-    from sparsify.distributed import ResumableDistributedSampler, mask_digests
-    from sparsify.masks import MaskEnforcer
-    from sparsify.models import build_model
-    from sparsify.patterns import BlockPattern
-    from sparsify.prune import PruneSettings, find_layers, prune_round
-    from sparsify.masks import full_masks
-    from sparsify.train import LoopOptions, OptimConfig, train_epochs
+    from sparsify.data.samplers import ResumableDistributedSampler
+    from sparsify.training.distributed import mask_digests
+    from sparsify.core.masks import MaskEnforcer
+    from sparsify.models.build import build_model
+    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.prune import PruneSettings, find_layers, prune_round
+    from sparsify.core.masks import full_masks
+    from sparsify.training.loop import LoopOptions, OptimConfig, train_epochs
 
     torch.set_num_threads(1)  # one thread per process, as torchrun sets OMP_NUM_THREADS=1
     if world > 1:

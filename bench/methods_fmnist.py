@@ -44,10 +44,10 @@ class Context:
         import torch
 
         from sparsify.config import DataConfig
-        from sparsify.data import build_loaders
-        from sparsify.models import build_model
-        from sparsify.patterns import UnstructuredPattern
-        from sparsify.prune import find_layers
+        from sparsify.data.datasets import build_loaders
+        from sparsify.models.build import build_model
+        from sparsify.core.patterns import UnstructuredPattern
+        from sparsify.core.prune import find_layers
 
         self.epochs, self.batches, self.val_batches, self.seed = epochs, batches, val_batches, seed
         data = DataConfig(dataset="fashion-mnist", batch_size=64)
@@ -61,7 +61,7 @@ class Context:
         self.eligible = [layer.name for layer in layers if layer.reason is None]
 
     def optim(self):
-        from sparsify.train import OptimConfig
+        from sparsify.training.loop import OptimConfig
 
         return OptimConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine")
 
@@ -69,8 +69,8 @@ class Context:
         """Train `model` with `masks` enforced; returns the enforcer (its masks are the final ones)."""
         import torch
 
-        from sparsify.masks import MaskEnforcer
-        from sparsify.train import train_epochs
+        from sparsify.core.masks import MaskEnforcer
+        from sparsify.training.loop import train_epochs
 
         torch.manual_seed(self.seed)
         enforcer = MaskEnforcer(model, masks, self.pattern)
@@ -80,7 +80,7 @@ class Context:
 
     def row(self, model, masks: dict, started: float, *, expected_kept: int | None = None, **extra) -> dict:
         """Accuracy, sparsity over eligible weights (by mask and by weight), kept counts, seconds."""
-        from sparsify.train import evaluate
+        from sparsify.training.loop import evaluate
 
         metrics = evaluate(model, self.val_loader, device=__import__("torch").device("cpu"), limit=self.val_batches)
         params = dict(model.named_parameters())
@@ -102,8 +102,8 @@ def run_dense(ctx: Context) -> dict:
 
 
 def run_static_magnitude(ctx: Context) -> dict:
-    from sparsify.masks import MaskEnforcer, full_masks
-    from sparsify.prune import PruneSettings, prune_round
+    from sparsify.core.masks import MaskEnforcer, full_masks
+    from sparsify.core.prune import PruneSettings, prune_round
 
     started = time.perf_counter()
     model = copy.deepcopy(ctx.start)
@@ -120,7 +120,7 @@ def run_static_magnitude(ctx: Context) -> dict:
 
 
 def run_dsr(ctx: Context) -> dict:
-    from sparsify.dsr import DsrCallback, DsrSettings
+    from sparsify.methods.dsr import DsrCallback, DsrSettings
 
     started = time.perf_counter()
     model = copy.deepcopy(ctx.start)
@@ -152,7 +152,7 @@ def run_gradual(ctx: Context) -> dict:
     from types import SimpleNamespace
 
     from sparsify.config import load_config
-    from sparsify.gradual import GradualCallbacks
+    from sparsify.methods.gradual import GradualCallbacks
 
     started = time.perf_counter()
     model = copy.deepcopy(ctx.start)
@@ -176,9 +176,9 @@ def two_of_four_layers(ctx: Context):
 
 def run_magnitude_2of4(ctx: Context) -> dict:
     """One-shot magnitude 2:4 (pattern nm, l1) of the dense row's model, no finetuning."""
-    from sparsify.masks import MaskEnforcer, full_masks
-    from sparsify.patterns import build_pattern
-    from sparsify.prune import PruneSettings, prune_round
+    from sparsify.core.masks import MaskEnforcer, full_masks
+    from sparsify.core.patterns import build_pattern
+    from sparsify.core.prune import PruneSettings, prune_round
 
     started = time.perf_counter()
     model = copy.deepcopy(ctx.dense)
@@ -209,9 +209,9 @@ def run_gumbel_2of4(ctx: Context) -> dict:
     import torch
 
     from sparsify.config import GumbelConfig
-    from sparsify.gumbel import GumbelCallbacks
-    from sparsify.masks import MaskEnforcer
-    from sparsify.train import OptimConfig, train_epochs
+    from sparsify.methods.gumbel import GumbelCallbacks
+    from sparsify.core.masks import MaskEnforcer
+    from sparsify.training.loop import OptimConfig, train_epochs
 
     started = time.perf_counter()
     model = copy.deepcopy(ctx.dense)

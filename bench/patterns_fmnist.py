@@ -8,7 +8,7 @@ epoch of finetuning with the masks enforced:
   * unstructured 80% global (l1: one ranking of |w| over all eligible layers);
   * unstructured 80% global, then regroup (clusters 4, growth 1.5, split_rows 32, min_rows 3) with
     our partitioner, and with the contiguous baseline partition (rows cut in their own order);
-  * 2:4 (nm, l1) without and with channel permutation (`sparsify.permute`, when present).
+  * 2:4 (nm, l1) without and with channel permutation (`sparsify.rounds.permute`, when present).
 `dense_plus_1` trains the dense model one more epoch: the reference at the same budget.
 Eligible: every conv but the 1-channel stem; the Linear head stays dense.
 
@@ -45,7 +45,7 @@ class Context:
         import torch
 
         from sparsify.config import DataConfig
-        from sparsify.data import build_loaders
+        from sparsify.data.datasets import build_loaders
 
         self.batches, self.val_batches, self.seed = batches, val_batches, seed
         self.train_loader, _ = build_loaders(DataConfig(dataset="fashion-mnist", batch_size=64),
@@ -58,8 +58,8 @@ class Context:
         """Train with `masks` enforced (none: dense)."""
         import torch
 
-        from sparsify.masks import MaskEnforcer
-        from sparsify.train import OptimConfig, train_epochs
+        from sparsify.core.masks import MaskEnforcer
+        from sparsify.training.loop import OptimConfig, train_epochs
 
         torch.manual_seed(self.seed)
         cfg = OptimConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine")
@@ -68,13 +68,13 @@ class Context:
                      limit=self.batches)
 
     def accuracy(self, model) -> float:
-        from sparsify.train import evaluate
+        from sparsify.training.loop import evaluate
 
         return round(evaluate(model, self.val_loader, device=self.device, limit=self.val_batches)["val_acc1"], 2)
 
 
 def eligible_layers(model, pattern) -> list[str]:
-    from sparsify.prune import find_layers
+    from sparsify.core.prune import find_layers
 
     return [layer.name for layer in find_layers(model, pattern, include_linear=False, exclude=EXCLUDE)
             if layer.reason is None]
@@ -82,8 +82,8 @@ def eligible_layers(model, pattern) -> list[str]:
 
 def prune_once(model, pattern, *, criterion: str, target: float, scope: str = "layer") -> dict:
     """Masks at the pattern's natural sparsity in one round; the model's pruned weights are zeroed."""
-    from sparsify.masks import MaskEnforcer, full_masks
-    from sparsify.prune import PruneSettings, prune_round
+    from sparsify.core.masks import MaskEnforcer, full_masks
+    from sparsify.core.prune import PruneSettings, prune_round
 
     names = eligible_layers(model, pattern)
     settings = PruneSettings(pattern, criterion, target, 1.0, "remaining", True, True, False, scope)
@@ -110,7 +110,7 @@ def finish_row(ctx: Context, model, masks: dict, pattern, started: float, **extr
 
 
 def row_block(ctx: Context, dense) -> dict:
-    from sparsify.patterns import BlockPattern
+    from sparsify.core.patterns import BlockPattern
 
     started, model, pattern = time.perf_counter(), copy.deepcopy(dense), BlockPattern(8, 8)
     masks = prune_once(model, pattern, criterion="variance", target=0.5)
@@ -118,7 +118,7 @@ def row_block(ctx: Context, dense) -> dict:
 
 
 def row_global(ctx: Context, dense) -> tuple[dict, object, dict]:
-    from sparsify.patterns import UnstructuredPattern
+    from sparsify.core.patterns import UnstructuredPattern
 
     started, model, pattern = time.perf_counter(), copy.deepcopy(dense), UnstructuredPattern()
     masks = prune_once(model, pattern, criterion="l1", target=0.8, scope="global")
@@ -130,9 +130,9 @@ def row_regroup(ctx: Context, pruned, partition) -> tuple[dict, list[dict]]:
     """Regroup the global-80% masks with `partition`, then the same accuracy columns."""
     import torch
 
-    from sparsify.masks import MaskEnforcer
-    from sparsify.patterns import UnstructuredPattern
-    from sparsify.regroup import regroup_mask
+    from sparsify.core.masks import MaskEnforcer
+    from sparsify.core.patterns import UnstructuredPattern
+    from sparsify.rounds.regroup import regroup_mask
 
     started, (model, masks), pattern = time.perf_counter(), copy.deepcopy(pruned), UnstructuredPattern()
     new, stats = {}, []
@@ -147,7 +147,7 @@ def row_regroup(ctx: Context, pruned, partition) -> tuple[dict, list[dict]]:
 
 
 def row_nm(ctx: Context, dense, *, permute: bool) -> dict:
-    from sparsify.patterns import NMPattern
+    from sparsify.core.patterns import NMPattern
 
     started, model, pattern = time.perf_counter(), copy.deepcopy(dense), NMPattern(2, 4)
     extra = {"natural_sparsity": 0.5}
@@ -155,9 +155,9 @@ def row_nm(ctx: Context, dense, *, permute: bool) -> dict:
         import torch
 
         try:
-            from sparsify.permute import permute_model_
+            from sparsify.rounds.permute import permute_model_
         except ImportError:
-            return {"skipped": "sparsify.permute is not available in this tree"}
+            return {"skipped": "sparsify.rounds.permute is not available in this tree"}
         before = ctx.accuracy(model)
         record = permute_model_(model, eligible_layers(model, pattern), n=2, m=4, time_limit=10.0,
                                 example=torch.zeros(1, 1, 28, 28), seed=ctx.seed)
@@ -194,9 +194,9 @@ def main() -> None:
 
     import torch
 
-    from sparsify.models import build_model
-    from sparsify.patterns import UnstructuredPattern
-    from sparsify.regroup import contiguous_partition, hypergraph_partition
+    from sparsify.models.build import build_model
+    from sparsify.core.patterns import UnstructuredPattern
+    from sparsify.rounds.regroup import contiguous_partition, hypergraph_partition
 
     started = time.perf_counter()
     ctx = Context(batches=args.batches, val_batches=args.val_batches, seed=args.seed)

@@ -28,8 +28,8 @@ def train_small_resnet(images: int):
     """small_resnet after one pass over the first `images` Fashion-MNIST training images."""
     import torch
 
-    from sparsify.data import load_fashion_mnist_split
-    from sparsify.models import small_resnet
+    from sparsify.data.datasets import load_fashion_mnist_split
+    from sparsify.models.build import small_resnet
 
     x, y = load_fashion_mnist_split(__import__("pathlib").Path("/usr/share/datasets/fashion-mnist"), "train")
     x, y = x[:images], y[:images]
@@ -68,10 +68,10 @@ def measure(model, example, time_limit: float) -> dict:
     """Permute in place; gain, time, equality of outputs, and a 2:4 prune round for scale."""
     import torch
 
-    from sparsify.masks import full_masks
-    from sparsify.patterns import NMPattern
-    from sparsify.permute import describe_permutation, permute_model_
-    from sparsify.prune import PruneSettings, find_layers, prune_round
+    from sparsify.core.masks import full_masks
+    from sparsify.core.patterns import NMPattern
+    from sparsify.rounds.permute import describe_permutation, permute_model_
+    from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
     pattern = NMPattern(2, 4)
     eligible = [layer.name for layer in find_layers(model, pattern, include_linear=True, exclude=[])

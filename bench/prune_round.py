@@ -48,10 +48,10 @@ def main() -> None:
     import torch
     import torchvision
 
-    from sparsify.criteria import score_groups
-    from sparsify.masks import full_masks
-    from sparsify.patterns import BlockPattern
-    from sparsify.prune import PruneSettings, find_layers, prune_round
+    from sparsify.core.criteria import score_groups
+    from sparsify.core.masks import full_masks
+    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
     torch.manual_seed(0)
     progress("building resnet50 (random weights)")

@@ -5,7 +5,7 @@ Setup: torchvision resnet18 (random weights, 10 classes), block 8x8 masks from o
 zeroed), SGD (lr 1e-3, momentum 0.9, weight decay 1e-4), batches of 32 images of 112x112 held
 in memory. Two copies of the pruned model, each with its own optimizer:
 
-  masked step (what `sparsify.train.train_epoch` does per batch):
+  masked step (what `sparsify.training.loop.train_epoch` does per batch):
       forward, loss, zero_grad(set_to_none=True), backward,
       MaskEnforcer.mask_grads_(), optimizer.step(), MaskEnforcer.apply_(), loss.item()
   plain step: the same without the two MaskEnforcer calls.
@@ -41,7 +41,7 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from sparsify.masks import MaskEnforcer
+    from sparsify.core.masks import MaskEnforcer
 
     model, masks, pattern = pruned_resnet18()
     eligible = list(masks)

@@ -6,7 +6,7 @@ batches of `--batch-size` random 3 x `--image-size` px images held in memory, se
 DataLoader over a TensorDataset (no workers, no shuffle). Same device (CPU), same optimizer
 (SGD lr 1e-3, momentum 0.9, weight decay 1e-4, a fresh one per epoch on both sides).
 
-  sparsify: `sparsify.train.train_epochs(model, loader, enforcer=..., epochs=1, ...)`, the loop
+  sparsify: `sparsify.training.loop.train_epochs(model, loader, enforcer=..., epochs=1, ...)`, the loop
             `sparsify train` runs (LR schedule, masks after every step, metrics, progress);
   plain:    the loop of torchvision's references/classification `train_one_epoch`: to(device),
             forward, loss, zero_grad, backward, step, top-1/top-5 and loss.item() every step;
@@ -63,8 +63,8 @@ def main() -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from sparsify.masks import MaskEnforcer
-    from sparsify.train import OptimConfig, train_epochs
+    from sparsify.core.masks import MaskEnforcer
+    from sparsify.training.loop import OptimConfig, train_epochs
 
     if args.threads:
         torch.set_num_threads(args.threads)

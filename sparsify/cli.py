@@ -89,7 +89,7 @@ NprocOption = Annotated[
 
 def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]], nproc: int, extra: list[str]) -> None:
     """Run this command again in `nproc` processes through torch.distributed's launcher."""
-    from sparsify.distributed import launch
+    from sparsify.training.distributed import launch
 
     load(config, overrides)  # a bad config fails here, once, before any process starts
     argv = [command, *(["-c", str(config)] if config else [])]
@@ -106,7 +106,7 @@ def download(
     force: Annotated[bool, typer.Option("--force", help="Delete the run's checkpoints and start again.")] = False,
 ) -> None:
     """Build the model with its starting weights (downloaded if needed) as the round-0 checkpoint."""
-    from sparsify import pipeline
+    from sparsify.stages import pipeline
 
     say(pipeline.download(load(config, set_), force=force).message)
 
@@ -115,7 +115,7 @@ def download(
 @reports_errors
 def prune(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run one prune round on the latest checkpoint. Exits 3 once every layer is at its target."""
-    from sparsify import pipeline
+    from sparsify.stages import pipeline
 
     say(pipeline.prune(load(config, set_)).message)
 
@@ -129,7 +129,7 @@ def train(
     nproc: NprocOption = None,
 ) -> None:
     """Finetune the latest checkpoint with its masks enforced, evaluate, save a new checkpoint."""
-    from sparsify import pipeline
+    from sparsify.stages import pipeline
 
     if nproc is not None:
         return relaunch("train", config, set_, nproc, ["--epochs", str(epochs)] if epochs else [])
@@ -140,7 +140,7 @@ def train(
 @reports_errors
 def eval_(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Evaluate the latest checkpoint (top-1, top-5, loss) on the validation set."""
-    from sparsify import pipeline
+    from sparsify.stages import pipeline
 
     say(pipeline.eval_latest(load(config, set_)).message)
 
@@ -149,7 +149,7 @@ def eval_(config: ConfigOption = None, set_: SetOption = None) -> None:
 @reports_errors
 def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption = None) -> None:
     """Run the whole schedule (dense epochs, prune+train rounds, final epochs); resumable."""
-    from sparsify import pipeline
+    from sparsify.stages import pipeline
 
     if nproc is not None:
         return relaunch("run", config, set_, nproc, [])
@@ -168,7 +168,7 @@ def report(
     format_: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
 ) -> None:
     """Per-layer sparsity table, model summary and round history."""
-    from sparsify import report as report_mod
+    from sparsify.report import build as report_mod
 
     if target is None:
         target = load(config, set_).run_dir
@@ -184,7 +184,7 @@ def check(
     format_: Annotated[CheckFormat, typer.Option("--format", "-f", help="Output format.")] = CheckFormat.text,
 ) -> None:
     """Verify that every pruned weight follows the pattern. Exits 0 if it does, 1 if not."""
-    from sparsify import check as check_mod
+    from sparsify.report import check as check_mod
 
     result = check_mod.check_file(path, pattern=pattern)
     say(check_mod.render(result, format_.value))
@@ -213,8 +213,8 @@ def export(
     ] = None,
 ) -> None:
     """Write a checkpoint as a plain model file: safetensors or pth state_dict, or ONNX."""
-    from sparsify.checkpoint import RunDir
-    from sparsify.export import export_checkpoint
+    from sparsify.io.checkpoint import RunDir
+    from sparsify.io.export import export_checkpoint
 
     run = RunDir(load(config, set_).run_dir)
     say(str(export_checkpoint(run, fmt=format_.value, checkpoint=checkpoint, output=output)))

@@ -9,14 +9,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pydantic import model_validator
 
 from sparsify.errors import ConfigError, SparsifyError
+from sparsify.registry import CRITERIA, METHODS, PATTERNS, load_plugins
 
 
 MAX_LR = 10.0  # no optimizer here trains with a larger step; 1e308 or inf only turns weights into NaN
@@ -53,73 +54,33 @@ class DataConfig(_Section):
     cutmix_alpha: float = Field(default=0.0, ge=0.0)  # > 0: CutMix on train batches (soft targets)
 
 
-class BlockPatternConfig(_Section):
-    type: Literal["block"] = "block"
-    block: list[int] = Field(default_factory=lambda: [8, 8])  # [bo, bi]: output x input channels
-
-    @field_validator("block")
-    @classmethod
-    def _two_positive(cls, value: list[int]) -> list[int]:
-        if len(value) != 2 or min(value) < 1:
-            raise ValueError("block must be two positive integers [bo, bi], e.g. [8, 8]")
-        return value
-
-
-class UnstructuredPatternConfig(_Section):
-    type: Literal["unstructured"]
-
-
-class NMPatternConfig(_Section):
-    type: Literal["nm"]
-    n: int = Field(default=2, ge=1)  # weights kept in every group
-    m: int = Field(default=4, ge=2)  # group: m consecutive input channels at fixed (cout, kh, kw)
-
-
 class PermuteConfig(_Section):
     enabled: bool = False  # nm: search input-channel permutations before the first prune
     time_limit: float = Field(default=15.0, gt=0.0)  # seconds for the whole model's search
 
 
-def apply_nm_rules(sparsity: Any) -> Any:
-    """nm defaults (criterion l1, Linear layers in, target (m-n)/m) and the keys nm refuses."""
-    pattern, given = sparsity.pattern, sparsity.model_fields_set
-    if pattern.type != "nm":
-        if sparsity.permute.enabled:
-            raise ConfigError(f"sparsity.permute applies to pattern nm only, not {pattern.type!r}; "
-                              "set permute.enabled: false or pattern: {type: nm, n: 2, m: 4}")
-        return sparsity
-    if pattern.n >= pattern.m:
-        raise ConfigError(f"sparsity.pattern: nm needs n < m, got {pattern.n}:{pattern.m}; e.g. n: 2, m: 4")
-    target = round((pattern.m - pattern.n) / pattern.m, 6)
-    if "target" in given and abs(sparsity.target - target) > 1e-6:
-        raise ConfigError(f"sparsity.target: pattern {pattern.n}:{pattern.m} zeros {pattern.m - pattern.n} of every "
-                          f"{pattern.m} weights, so its target is {target}; remove target or set it to {target}")
-    if "criterion" in given and sparsity.criterion == "variance":
-        raise ConfigError("sparsity.criterion 'variance' needs groups of several weights and nm scores single "
-                          "weights; use criterion l1 (the default for nm) or l2")
-    sparsity.target = target
-    if "criterion" not in given:
-        sparsity.criterion = "l1"
-    if "include_linear" not in given:
-        sparsity.include_linear = True
-    return sparsity
+def validate_pattern(value: Any) -> Any:
+    """The `sparsity.pattern` section, validated by the Options of the registered pattern its `type` names."""
+    if isinstance(value, BaseModel):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping with a type, e.g. {type: block, block: [8, 8]}")
+    kind = value.get("type", "block")
+    if kind not in PATTERNS:
+        raise ValueError(f"unknown type {kind!r}; choose one of: {', '.join(PATTERNS.names())}")
+    options = PATTERNS.get(kind).Options
+    try:
+        return options.model_validate({**value, "type": kind})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ValueError(f"unknown key {key!r} for pattern {kind}; allowed: {', '.join(options.model_fields)}") from None
+        raise ValueError(f"{key}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
-def _pattern_type(value: Any) -> str:
-    """`type` picks the pattern class; a pattern section without one is a block pattern."""
-    if isinstance(value, dict):
-        return value.get("type", "block")
-    return getattr(value, "type", "block")
-
-
-PatternConfig = Annotated[
-    Union[
-        Annotated[BlockPatternConfig, Tag("block")],
-        Annotated[UnstructuredPatternConfig, Tag("unstructured")],
-        Annotated[NMPatternConfig, Tag("nm")],
-    ],
-    Discriminator(_pattern_type),
-]
+def default_pattern() -> Any:
+    return PATTERNS.get("block").Options()
 
 
 class DsrConfig(_Section):
@@ -178,9 +139,9 @@ class RegroupConfig(_Section):
 
 
 class SparsityConfig(_Section):
-    pattern: PatternConfig = Field(default_factory=BlockPatternConfig)
-    method: str = "static"  # static (masks from prune rounds) | dsr (masks change while training)
-    criterion: str = "variance"  # variance | l1 | l2 | taylor | random
+    pattern: Any = Field(default_factory=default_pattern)  # {type: <registered pattern>, ...its options}
+    method: str = "static"  # a registered method: static (masks from prune rounds) | dsr | gumbel | gradual
+    criterion: str = "variance"  # a registered criterion: variance | l1 | l2 | taylor | random
     target: float = Field(default=0.5, ge=0.0, lt=1.0)  # share of each layer's groups that end up zero
     step: float = Field(default=0.2, gt=0.0, le=1.0)  # share zeroed per round (see step_basis)
     step_basis: Literal["remaining", "target"] = "remaining"
@@ -198,18 +159,34 @@ class SparsityConfig(_Section):
     gradual: GradualConfig = Field(default_factory=GradualConfig)  # used by method: gradual
     permute: PermuteConfig = Field(default_factory=PermuteConfig)  # nm: channel permutation before pruning
 
+    _pattern = field_validator("pattern", mode="plain")(classmethod(lambda cls, value: validate_pattern(value)))
+
     @model_validator(mode="after")
-    def _nm_rules(self) -> "SparsityConfig":
-        return apply_nm_rules(self)
+    def _pattern_rules(self) -> "SparsityConfig":
+        try:
+            PATTERNS.get(self.pattern.type).apply_config_rules(self, self.model_fields_set)
+        except SparsifyError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str, info: ValidationInfo) -> str:
-        from sparsify.methods import check_method
-
-        pattern = info.data.get("pattern")
+        pattern_type = getattr(info.data.get("pattern"), "type", "block")
         try:
-            check_method(value, pattern_type=getattr(pattern, "type", "block"))
+            method = METHODS.get(value)
+        except SparsifyError as exc:
+            raise ValueError(str(exc)) from None
+        if pattern_type not in method.patterns:
+            raise ValueError(f"method {value} works with pattern {' or '.join(method.patterns)}, not {pattern_type}; "
+                             f"set sparsity.pattern.type to {method.patterns[0]}")
+        return value
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, value: str) -> str:
+        try:
+            CRITERIA.get(value)
         except SparsifyError as exc:
             raise ValueError(str(exc)) from None
         return value
@@ -272,6 +249,7 @@ class ActivationsConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "run"
+    plugins: list[str] = Field(default_factory=list)  # modules that register patterns, methods, ... (imported first)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     runs_dir: str = "runs"  # the run folder is <runs_dir>/<name>
@@ -298,28 +276,15 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _method_rules(self) -> "RunConfig":
-        check_method_keys(self)
+        try:
+            METHODS.get(self.sparsity.method).check_config(self)
+        except SparsifyError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
-
-
-def check_method_keys(config: "RunConfig") -> None:
-    """train.trainable: mask and the gumbel keys fit method gumbel only, with a 2:4 or element mask."""
-    s = config.sparsity
-    if config.train.trainable == "mask" and s.method != "gumbel":
-        raise ConfigError(f"train.trainable: mask trains only learned mask logits, which method {s.method} "
-                          "does not have; set sparsity.method: gumbel or train.trainable: all")
-    if s.method != "gumbel":
-        return
-    if s.pattern.type == "nm" and (s.pattern.n, s.pattern.m) != (2, 4):
-        raise ConfigError(f"method gumbel learns 2:4 masks, not {s.pattern.n}:{s.pattern.m}; "
-                          "set sparsity.pattern: {type: nm, n: 2, m: 4}")
-    if s.gumbel.grouping == "flat" and s.pattern.type != "unstructured":
-        raise ConfigError("gumbel grouping flat (the paper's row-major groups) is not 2:4 along input channels; "
-                          "set sparsity.pattern: {type: unstructured} or gumbel.grouping: channels")
 
 
 class _Loader(yaml.SafeLoader):
@@ -368,6 +333,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     for assignment in overrides:
         apply_override(data, assignment)
+    plugins = data.get("plugins") or []
+    if not (isinstance(plugins, list) and all(isinstance(m, str) for m in plugins)):
+        raise ConfigError(f"config key 'plugins' must be a list of module names, e.g. [mypkg.patterns]; got {plugins!r}")
+    load_plugins(plugins)  # before validation: their patterns, methods and criteria become valid names
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -384,21 +353,12 @@ def describe_validation_error(exc: ValidationError) -> str:
         section = _section_at(first["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else "see the README"
         return f"unknown config key {loc!r}; allowed here: {allowed}{more}"
-    if first["type"] == "union_tag_invalid":
-        tags = ", ".join(_PATTERN_CLASSES)
-        return f"config key {loc!r}: unknown type {first['ctx']['tag']!r}; choose one of: {tags}{more}"
     message = first["msg"].removeprefix("Value error, ")
     return f"config key {loc!r}: {message} (got {first.get('input')!r}){more}"
 
 
 def _key_path(loc: tuple) -> str:
-    """Drop the union tag pydantic inserts after `pattern` (sparsity.pattern.block.block)."""
-    parts = [str(p) for p in loc]
-    if "pattern" in parts:
-        i = parts.index("pattern")
-        if i + 1 < len(parts) and parts[i + 1] in _PATTERN_CLASSES:
-            del parts[i + 1]
-    return ".".join(parts)
+    return ".".join(str(p) for p in loc)
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:
@@ -407,16 +367,11 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     parts = [str(p) for p in loc]
     while parts:
         part = parts.pop(0)
-        if part == "pattern" and section is SparsityConfig:
-            return _PATTERN_CLASSES.get(parts[0]) if parts else BlockPatternConfig
         annotation = section.model_fields[part].annotation if part in section.model_fields else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         section = annotation
     return section
-
-
-_PATTERN_CLASSES = {"block": BlockPatternConfig, "unstructured": UnstructuredPatternConfig, "nm": NMPatternConfig}
 
 
 def config_to_yaml(config: RunConfig) -> str:

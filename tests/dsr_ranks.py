@@ -1,9 +1,9 @@
 """Worker of the two-process gloo test in test_dsr.py (a module of its own, so the spawned
-processes import only torch and sparsify.dsr)."""
+processes import only torch and sparsify.methods.dsr)."""
 
 import torch
 
-from sparsify.dsr import broadcast_from_main, reparameterize, step_generator, thin_masks
+from sparsify.methods.dsr import broadcast_from_main, reparameterize, step_generator, thin_masks
 
 
 def rank_worker(rank: int, port: int, out: str) -> None:

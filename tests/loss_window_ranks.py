@@ -14,11 +14,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sparsify.distributed import ResumableDistributedSampler, current_info
-from sparsify.masks import MaskEnforcer
-from sparsify.patterns import BlockPattern
-from sparsify.train import LoopOptions, OptimConfig, Trainer, train_epochs
-from sparsify.trainlog import TrainLog
+from sparsify.data.samplers import ResumableDistributedSampler
+from sparsify.training.distributed import current_info
+from sparsify.core.masks import MaskEnforcer
+from sparsify.core.patterns import BlockPattern
+from sparsify.training.loop import LoopOptions, OptimConfig, Trainer, train_epochs
+from sparsify.training.log import TrainLog
 
 SAMPLES, BATCH = 44, 4  # 11 batches in one process, 6 (the last one short) in each of two
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify.activations import attach_activation_masks_, checkerboard, densities, random_mask
+from sparsify.methods.activations import attach_activation_masks_, checkerboard, densities, random_mask
 from sparsify.errors import SparsifyError
 
 

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from sparsify.check import check_file
+from sparsify.report.check import check_file
 from sparsify.cli import app
 
 CONFIG = textwrap.dedent(

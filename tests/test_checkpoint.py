@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from sparsify.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from sparsify.io.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from sparsify.errors import CheckpointError, RunLockedError
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify.criteria import CRITERIA, ScoreInputs, accumulate_taylor, score_groups
+from sparsify.core.criteria import CRITERIA, ScoreInputs, accumulate_taylor, score_groups
 from sparsify.errors import SparsifyError
-from sparsify.patterns import BlockPattern, UnstructuredPattern
+from sparsify.core.patterns import BlockPattern, UnstructuredPattern
 
 
 def linear_logits_model():

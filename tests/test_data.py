@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sparsify.config import DataConfig
-from sparsify.data import (
+from sparsify.data.datasets import (
     FASHION_MNIST_FILES,
     FASHION_MNIST_ROOT,
     build_loaders,
@@ -308,7 +308,7 @@ def jpeg_root(tmp_path) -> Path:
 
 
 def test_decoders_give_the_same_images(jpeg_root):
-    from sparsify.data import AUTO_DECODER, image_reader, read_image_tensor
+    from sparsify.data.datasets import AUTO_DECODER, image_reader, read_image_tensor
 
     outputs = {}
     for decoder in ("pil", "torchvision", "auto"):
@@ -325,7 +325,7 @@ def test_decoders_give_the_same_images(jpeg_root):
 
 
 def test_torchvision_decoder_falls_back_to_pil_for_other_formats(tmp_path):
-    from sparsify.data import read_image_tensor
+    from sparsify.data.datasets import read_image_tensor
 
     pixels = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
     Image.fromarray(pixels).save(tmp_path / "a.bmp")
@@ -333,7 +333,7 @@ def test_torchvision_decoder_falls_back_to_pil_for_other_formats(tmp_path):
 
 
 def test_preset_sets_the_eval_resize_and_normalisation(jpeg_root):
-    from sparsify.data import ImagePreset
+    from sparsify.data.datasets import ImagePreset
 
     plain = concat(imagefolder_loaders(jpeg_root)[1])[0]
     preset = ImagePreset(crop_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),

@@ -13,9 +13,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from sparsify import pipeline
+from sparsify.stages import pipeline
 from sparsify.config import load_config
-from sparsify.distributed import MaskDivergenceError, check_masks_agree, first_divergence, mask_digests
+from sparsify.training.distributed import MaskDivergenceError, check_masks_agree, first_divergence, mask_digests
 
 TESTS = Path(__file__).parent
 

@@ -9,11 +9,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsify.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from sparsify.io.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from sparsify.cli import app
 from sparsify.errors import CheckpointError, TrainingDiverged
-from sparsify.trainlog import read_rows
-from sparsify.trainstage import check_finite
+from sparsify.training.log import read_rows
+from sparsify.training.stage import check_finite
 
 EXPLODING = textwrap.dedent(
     """\
@@ -97,7 +97,7 @@ def faulty_copy(path, tmp_path):
     key = next(k for k in tensors if k.startswith("model.") and k.endswith("weight"))
     tensors[key][0] = float("nan")
     with open(path, "rb") as f:
-        from sparsify.checkpoint import read_metadata
+        from sparsify.io.checkpoint import read_metadata
 
         meta = read_metadata(path)
     out = tmp_path / path.name

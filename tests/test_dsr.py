@@ -8,15 +8,15 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsify.checkpoint import RunDir, load_checkpoint
+from sparsify.io.checkpoint import RunDir, load_checkpoint
 from dsr_ranks import rank_worker
 from sparsify.cli import app
-from sparsify.dsr import (
+from sparsify.methods.dsr import (
     DsrCallback, DsrSettings, adjust_threshold, allocate, apportion, cap_pruned,
     kept_counts, period_at, prune_below, reparameterize, step_generator, thin_masks,
 )
-from sparsify.masks import MaskEnforcer
-from sparsify.patterns import UnstructuredPattern
+from sparsify.core.masks import MaskEnforcer
+from sparsify.core.patterns import UnstructuredPattern
 
 
 def hand_case():

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify.ema import ModelEma
+from sparsify.training.ema import ModelEma
 from sparsify.errors import SparsifyError
-from sparsify.masks import MaskEnforcer, full_masks
-from sparsify.models import build_model
-from sparsify.patterns import BlockPattern
-from sparsify.prune import PruneSettings, find_layers, prune_round
+from sparsify.core.masks import MaskEnforcer, full_masks
+from sparsify.models.build import build_model
+from sparsify.core.patterns import BlockPattern
+from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
 
 def test_update_blends_weights_and_copies_integer_buffers():

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sparsify.cli import app
-from sparsify.models import build_model
+from sparsify.models.build import build_model
 
 CONFIG = textwrap.dedent(
     """\

@@ -11,9 +11,9 @@ from torch import nn
 
 from sparsify.config import load_config
 from sparsify.errors import SparsifyError
-from sparsify.gradual import GradualCallbacks, cubic_sparsity, is_pruning_step, schedule_steps
-from sparsify.masks import MaskEnforcer
-from sparsify.patterns import build_pattern
+from sparsify.methods.gradual import GradualCallbacks, cubic_sparsity, is_pruning_step, schedule_steps
+from sparsify.core.masks import MaskEnforcer
+from sparsify.core.patterns import build_pattern
 
 
 def test_cubic_schedule_by_hand():

@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify.checkpoint import load_checkpoint, save_checkpoint
+from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
 from sparsify.config import GumbelConfig
 from sparsify.errors import CheckpointError
-from sparsify.gumbel import (
+from sparsify.methods.gumbel import (
     LOGITS_PREFIX, PRUNED_PREFIX, GumbelCallbacks, GumbelMask, attach_gumbel_, detach_gumbel_, from_groups,
     magnitude_logits, sample_choice, set_trainable_, to_groups, two_of_four_patterns,
 )
-from sparsify.masks import MaskEnforcer
-from sparsify.patterns import UnstructuredPattern
+from sparsify.core.masks import MaskEnforcer
+from sparsify.core.patterns import UnstructuredPattern
 
 
 class TwoConvs(nn.Module):

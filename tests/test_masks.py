@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify.masks import MaskEnforcer, find_unmasked_nonzeros
-from sparsify.patterns import BlockPattern
-from sparsify.train import OptimConfig, make_optimizer
+from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
+from sparsify.core.patterns import BlockPattern
+from sparsify.training.loop import OptimConfig, make_optimizer
 
 
 def tiny_net():

@@ -13,11 +13,11 @@ import torch
 import torchvision
 from torch import nn
 
-from sparsify.masks import MaskEnforcer, full_masks
-from sparsify.models import build_model
-from sparsify.patterns import BlockPattern
-from sparsify.prune import PruneSettings, find_layers, prune_round
-from sparsify.train import classification_loss
+from sparsify.core.masks import MaskEnforcer, full_masks
+from sparsify.models.build import build_model
+from sparsify.core.patterns import BlockPattern
+from sparsify.core.prune import PruneSettings, find_layers, prune_round
+from sparsify.training.loop import classification_loss
 
 NUM_CLASSES = 10
 SMALLEST_INPUT = {
@@ -118,9 +118,9 @@ def test_googlenet_with_aux_heads_through_the_pipeline(tmp_path, monkeypatch):
     """download (hub cache) -> prune -> train -> eval -> report on an ImageFolder of JPEGs."""
     from pathlib import Path
 
-    from sparsify import pipeline
+    from sparsify.stages import pipeline
     from sparsify.config import load_config
-    from sparsify.report import build_report
+    from sparsify.report.build import build_report
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1

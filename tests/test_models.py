@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparsify.errors import ModelError
-from sparsify.models import (
+from sparsify.models.build import (
     MODELS,
     build_model,
     cache_file,
@@ -304,7 +304,7 @@ def test_pretrained_googlenet_keeps_aux_heads_and_trains_with_them(torch_home, l
     model.train()
     output = model(torch.randn(2, 3, 32, 32))
     assert [t.shape for t in output] == [(2, 5)] * 3  # logits, aux_logits2, aux_logits1
-    from sparsify.train import classification_loss
+    from sparsify.training.loop import classification_loss
 
     target = torch.tensor([0, 3])
     loss, logits = classification_loss(output, target, nn.CrossEntropyLoss())
@@ -328,7 +328,7 @@ def test_local_weights_for_inception_with_and_without_aux_heads(tmp_path, logs):
 
 
 def test_inception_refuses_inputs_too_small_for_its_aux_head():
-    from sparsify.models import check_train_input_size
+    from sparsify.models.build import check_train_input_size
 
     check_train_input_size("inception_v3", 299)
     check_train_input_size("googlenet", 32)
@@ -365,7 +365,7 @@ def test_default_input_size_and_channels():
 
 
 def test_image_preset_follows_the_weights():
-    from sparsify.models import image_preset
+    from sparsify.models.build import image_preset
 
     preset = image_preset("resnet50", weights="IMAGENET1K_V2", input_size=224)
     assert (preset.crop_size, preset.resize_size, preset.interpolation) == (224, 232, "bilinear")
@@ -389,7 +389,7 @@ def test_tiny_resnet_learns_digits():
 
 def train_tiny_resnet_on_digits() -> float:
     from sparsify.config import DataConfig
-    from sparsify.data import build_loaders
+    from sparsify.data.datasets import build_loaders
 
     train, val = build_loaders(
         DataConfig(dataset="digits"), input_size=8, num_classes=10, in_channels=1, seed=0

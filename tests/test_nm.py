@@ -7,9 +7,9 @@ from torch import nn
 
 from sparsify.config import load_config
 from sparsify.errors import ConfigError, SparsifyError
-from sparsify.masks import MaskEnforcer, find_unmasked_nonzeros
-from sparsify.patterns import NMPattern, build_pattern, describe_pattern, parse_pattern
-from sparsify.prune import PruneSettings, find_layers, prune_layer, prune_round
+from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
+from sparsify.core.patterns import NMPattern, build_pattern, describe_pattern, parse_pattern
+from sparsify.core.prune import PruneSettings, find_layers, prune_layer, prune_round
 
 
 def nm_settings(criterion="l1", n=2, m=4):

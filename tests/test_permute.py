@@ -5,11 +5,11 @@ import torch
 import torchvision
 from torch import nn
 
-from sparsify.models import tiny_resnet
-from sparsify.patterns import NMPattern
-from sparsify.permsearch import kept_magnitude, search_permutation
-from sparsify.permute import apply_permutation_, permute_model_, trace_channel_sets
-from sparsify.prune import find_layers
+from sparsify.models.build import tiny_resnet
+from sparsify.core.patterns import NMPattern
+from sparsify.rounds.permsearch import kept_magnitude, search_permutation
+from sparsify.rounds.permute import apply_permutation_, permute_model_, trace_channel_sets
+from sparsify.core.prune import find_layers
 
 
 def tensors_of(model):

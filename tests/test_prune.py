@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from sparsify.criteria import CRITERIA, ScoreInputs, score_groups
+from sparsify.core.criteria import CRITERIA, ScoreInputs, score_groups
 from sparsify.errors import SparsifyError
-from sparsify.patterns import PATTERNS, BlockPattern, UnstructuredPattern, build_pattern
-from sparsify.prune import PruneSettings, planned_count, prune_layer, select_zeros, target_zero_count
+from sparsify.core.patterns import PATTERNS, BlockPattern, UnstructuredPattern, build_pattern
+from sparsify.core.prune import PruneSettings, planned_count, prune_layer, select_zeros, target_zero_count
 
 
 def block_weight(values):

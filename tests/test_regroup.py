@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sparsify.errors import SparsifyError
-from sparsify.patterns import BlockPattern, UnstructuredPattern
-from sparsify.regroup import (connectivity_cut, contiguous_partition, dense_columns, hypergraph_partition,
+from sparsify.core.patterns import BlockPattern, UnstructuredPattern
+from sparsify.rounds.regroup import (connectivity_cut, contiguous_partition, dense_columns, hypergraph_partition,
                               regroup_mask, regroup_masks)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sparsify import pipeline
+from sparsify.stages import pipeline
 from sparsify.config import load_config
 
 CONFIG = textwrap.dedent(

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sparsify.distributed import ResumableDistributedSampler
-from sparsify.masks import MaskEnforcer, find_unmasked_nonzeros
-from sparsify.patterns import BlockPattern
-from sparsify.train import LoopOptions, OptimConfig, Position, classification_loss, count_correct, lr_at, train_epochs
-from sparsify.trainlog import append_row, drop_rows_after, read_rows
-from sparsify.trainstate import TrainState, capture_rng, load_train_state, restore_rng, save_train_state
+from sparsify.data.samplers import ResumableDistributedSampler
+from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
+from sparsify.core.patterns import BlockPattern
+from sparsify.training.loop import LoopOptions, OptimConfig, Position, classification_loss, count_correct, lr_at, train_epochs
+from sparsify.training.log import append_row, drop_rows_after, read_rows
+from sparsify.training.state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state
 
 
 def test_warmup_then_cosine_constant_and_step_schedules():

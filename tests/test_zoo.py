@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sparsify.config import DataConfig
-from sparsify.data import build_loaders, dataset_info
+from sparsify.data.datasets import build_loaders, dataset_info
 from sparsify.errors import DataError
-from sparsify.models import MODELS, build_model
+from sparsify.models.build import MODELS, build_model
 
 PARAMETERS_10_CLASSES = {  # (in_channels, parameters)
     "resnet20": (3, 269_722), "resnet32": (3, 464_154), "resnet44": (3, 658_586), "resnet56": (3, 853_018),

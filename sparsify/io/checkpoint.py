@@ -1,0 +1,308 @@
+"""Checkpoints (safetensors: weights + masks + JSON metadata) and the run folder that holds them.
+
+File layout: tensor keys `model.<fqn>` for every state_dict entry, `mask.<fqn>` (bool, one
+entry per group) for each pruned weight and, for method gumbel, `gumbel.logits.<fqn>` and
+`gumbel.pruned.<fqn>`; every metadata value is JSON text. Writes are atomic
+(temporary file in the same folder, fsync, rename) and a run folder is locked by one command.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save_file
+
+from sparsify.errors import CheckpointError, RunLockedError
+from sparsify.core.masks import check_masks
+from sparsify.core.patterns import build_pattern
+from sparsify.registry import METHODS
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: model state, group masks and decoded metadata."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a crash leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = _temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _sha256_of_file(path: Path, out: list) -> None:
+    with open(path, "rb") as f:
+        out.append(hashlib.file_digest(f, "sha256").hexdigest())
+
+
+def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    out, seen = {}, set()
+    for key, tensor in state.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
+        if ptr in seen:  # safetensors refuses shared storage: store tied tensors as copies
+            tensor = tensor.clone()
+        seen.add(ptr)
+        out[prefix + key] = tensor
+    return out
+
+
+def nonfinite_entries(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or inf (weights, BatchNorm statistics, ...)."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def describe_nonfinite(names: list[str]) -> str:
+    """'conv1.weight' or 'conv1.weight and 3 more tensors'."""
+    more = len(names) - 1
+    return names[0] + (f" and {more} more tensor{'s' if more > 1 else ''}" if more else "")
+
+
+def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict, extra: dict | None = None) -> str:
+    """Atomically write a checkpoint; returns the file's sha256 (hashed while the file syncs).
+
+    `extra` holds method tensors under their full keys (`gumbel.logits.<fqn>`, `gumbel.pruned.<fqn>`).
+    """
+    path = Path(path)
+    tensors = _cpu_tensors(state, "model.")
+    tensors.update(_cpu_tensors(masks, "mask."))
+    tensors.update(_cpu_tensors(extra or {}, ""))
+    bad = nonfinite_entries(tensors)
+    if bad:  # the loader would refuse the file: never write it
+        raise CheckpointError(f"refusing to write {path.name}: NaN or inf in {describe_nonfinite(bad)}; "
+                              "the stage that made these values diverged (lower train.lr or set train.clip_grad_norm)")
+    metadata = {key: json.dumps(value) for key, value in meta.items()}
+    metadata["format"] = json.dumps(FORMAT_VERSION)
+    tmp = _temporary_path(path)
+    digest: list[str] = []
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        hasher = threading.Thread(target=_sha256_of_file, args=(tmp, digest))
+        hasher.start()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        hasher.join()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return digest[0]
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The raw metadata of a safetensors file (reads only its header)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated (only {len(head)} bytes); restore it or delete it")
+        (size,) = struct.unpack("<Q", head)
+        if size > os.fstat(f.fileno()).st_size - 8:
+            raise CheckpointError(f"{path} is truncated (its header says {size} bytes); restore it or delete it")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+    return header.get("__metadata__") or {}
+
+
+def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    try:
+        meta = {key: json.loads(value) for key, value in raw.items()}
+    except ValueError:
+        raise CheckpointError(f"{path} has metadata that is not JSON; it was not written by sparsify") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta.get('format')!r}; this sparsify reads format {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def parse_checkpoint(path: Path) -> Checkpoint:
+    """Split a checkpoint file into state, masks, extra tensors and metadata, without checking masks."""
+    meta = decode_metadata(read_metadata(path), path)
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} is damaged or truncated ({exc}); restore it or delete it") from None
+    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
+    extra = {k: v for k, v in tensors.items() if not k.startswith(("model.", "mask."))}  # a method's tensors
+    if masks and not isinstance(meta.get("pattern"), dict):
+        raise CheckpointError(f"{path} has masks but no pattern in its metadata; it was not written by sparsify")
+    return Checkpoint(Path(path), state, masks, meta, extra=extra)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Parse and validate a checkpoint file (without its hash); CheckpointError if inconsistent."""
+    ckpt = parse_checkpoint(path)
+    state, masks, extra = ckpt.state, ckpt.masks, ckpt.extra
+    bad = nonfinite_entries({**state, **extra})
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN or inf in {describe_nonfinite(bad)}: the training that wrote it diverged. "
+            "Delete this file and every later checkpoint of the run to go back to the last good one, then "
+            "train again with a lower train.lr (or train.clip_grad_norm, or amp: bf16 instead of fp16)")
+    if masks:
+        check_masks(state, masks, build_pattern(ckpt.meta["pattern"]), source=path)
+    if extra:
+        check_method_tensors(state, masks, extra, source=path)
+    return ckpt
+
+
+def check_method_tensors(state: dict, masks: dict, extra: dict, *, source) -> None:
+    """Every method whose prefix owns some of `extra` validates its tensors; unknown prefixes are refused."""
+    for prefix in sorted({key.split(".", 1)[0] for key in extra}):
+        owners = [m for _, m in METHODS.items() if m.tensor_prefix == prefix]
+        if not owners:
+            raise CheckpointError(f"{source} holds tensors {prefix}.* that no registered method owns; "
+                                  "it was written with a plugin that is not loaded (add it to plugins:)")
+        owners[0].check_tensors(state, masks, {k: v for k, v in extra.items() if k.startswith(prefix + ".")},
+                                source=source)
+
+
+def load_checkpoint(path: Path, *, expected_sha256: str | None = None) -> Checkpoint:
+    """Read and check a checkpoint; with `expected_sha256`, refuse a file that was altered.
+
+    The file is hashed in a second thread while it is parsed and checked.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    digest: list[str] = []
+    hasher = threading.Thread(target=_sha256_of_file, args=(path, digest))
+    hasher.start()
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError:
+        hasher.join()
+        _check_digest(path, digest[0], expected_sha256)
+        raise
+    hasher.join()
+    _check_digest(path, digest[0], expected_sha256)
+    ckpt.sha256 = digest[0]
+    return ckpt
+
+
+def _check_digest(path: Path, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected:
+        raise CheckpointError(
+            f"{path} was altered after it was written (sha256 {actual[:12]}..., history says "
+            f"{expected[:12]}...); restore it or delete it and the stages after it"
+        )
+
+
+class RunDir:
+    """The run folder: checkpoints/, history.jsonl, config.yaml and the lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.history_path = self.root / "history.jsonl"
+        self.lock_path = self.root / ".lock"
+
+    def checkpoints(self) -> list[Path]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if _NAME.match(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def next_checkpoint_path(self, round_: int, stage: str) -> Path:
+        found = self.checkpoints()
+        index = int(_NAME.match(found[-1].name).group(1)) + 1 if found else 0
+        return self.checkpoints_dir / f"{index:03d}-r{round_:02d}-{stage}.safetensors"
+
+    def history(self) -> list[dict]:
+        if not self.history_path.is_file():
+            return []
+        entries = []
+        for number, line in enumerate(self.history_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                raise CheckpointError(f"{self.history_path} line {number} is not JSON; fix or remove that line") from None
+        return entries
+
+    def recorded_sha256(self, path: Path) -> str | None:
+        for entry in reversed(self.history()):
+            if entry.get("checkpoint") == path.name:
+                return entry.get("sha256")
+        return None
+
+    def append_history(self, entry: dict) -> None:
+        """Append one JSON line and fsync it (a line is either whole or absent after a crash)."""
+        line = json.dumps(entry, sort_keys=False) + "\n"
+        with open(self.history_path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    @contextmanager
+    def lock(self, command: str, *, create: bool = False) -> Iterator[None]:
+        """Hold the run's lock for the duration of one command (released even on a crash)."""
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise CheckpointError(f"run folder {self.root} does not exist; start the run with `sparsify download`")
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise RunLockedError(
+                    f"run folder {self.root} is in use by {holder}; wait for it to finish or stop it"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)

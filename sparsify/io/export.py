@@ -1,0 +1,110 @@
+"""`sparsify export`: the latest (or a given) checkpoint as a plain model file for other tools.
+
+Each format is an `Exporter` registered with `@EXPORTERS.register(name)`: `safetensors` and `pth`
+hold the plain `state_dict` (pruned weights are exact zeros), which loads into the same
+torchvision/built-in model with `load_state_dict`; `onnx` is the model graph with its weights
+(needs the optional `onnx` and `onnxscript` packages). A new format is one Exporter subclass in a
+module named under `plugins:` (or a `sparsify.exporters` entry point).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from sparsify.io.checkpoint import RunDir, atomic_write_bytes, load_checkpoint
+from sparsify.errors import SparsifyError
+from sparsify.core.patterns import describe_pattern
+from sparsify.registry import EXPORTERS
+
+
+class Exporter:
+    """One export format: the bytes of a file that other tools read."""
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]  # file name suffix, without the dot
+
+    def write(self, ckpt) -> bytes:
+        """The file's bytes for a loaded, validated checkpoint."""
+        raise NotImplementedError
+
+
+def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, output: Path | None = None) -> Path:
+    """Write the checkpoint in `fmt`; returns the written path."""
+    exporter = EXPORTERS.get(fmt)()
+    source = checkpoint or run.latest()
+    if source is None:
+        raise SparsifyError(f"run folder {run.root} has no checkpoint to export; run `sparsify download` first")
+    expected = run.recorded_sha256(source) if checkpoint is None or source.parent == run.checkpoints_dir else None
+    ckpt = load_checkpoint(source, expected_sha256=expected)  # refuses drifted or altered files
+    output = Path(output) if output else run.root / "export" / f"{source.stem}.{exporter.suffix}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, exporter.write(ckpt))
+    return output
+
+
+def export_metadata(meta: dict) -> dict[str, str]:
+    keys = ("arch", "num_classes", "in_channels", "input_size", "round", "stage", "target", "metrics")
+    info = {key: json.dumps(meta.get(key)) for key in keys}
+    info["pattern"] = json.dumps(describe_pattern(meta["pattern"])) if meta.get("pattern") else "null"
+    return info
+
+
+def safetensors_bytes(ckpt) -> bytes:
+    from safetensors.torch import save
+
+    state = {k: v.contiguous() for k, v in ckpt.state.items()}
+    return save(state, metadata=export_metadata(ckpt.meta))
+
+
+def pth_bytes(ckpt) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(dict(ckpt.state), buffer)
+    return buffer.getvalue()
+
+
+def onnx_bytes(ckpt) -> bytes:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise SparsifyError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+    from sparsify.io.restore import rebuild
+
+    meta = ckpt.meta
+    model = rebuild(ckpt).model.eval()
+    size = meta.get("input_size") or 224
+    example = torch.zeros(1, meta["in_channels"], size, size)
+    program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buffer = io.BytesIO()
+    program.save(buffer)
+    return buffer.getvalue()
+
+
+@EXPORTERS.register("safetensors")
+class SafetensorsExporter(Exporter):
+    name, suffix = "safetensors", "safetensors"
+
+    def write(self, ckpt) -> bytes:
+        return safetensors_bytes(ckpt)
+
+
+@EXPORTERS.register("pth")
+class PthExporter(Exporter):
+    name, suffix = "pth", "pth"
+
+    def write(self, ckpt) -> bytes:
+        return pth_bytes(ckpt)
+
+
+@EXPORTERS.register("onnx")
+class OnnxExporter(Exporter):
+    name, suffix = "onnx", "onnx"
+
+    def write(self, ckpt) -> bytes:
+        return onnx_bytes(ckpt)

@@ -1,0 +1,144 @@
+"""`sparsify check`: prove that a checkpoint (or any state dict) follows a sparsity pattern.
+
+A sparsify checkpoint is checked layer by layer against its masks: every masked-out weight must
+be exactly 0.0, and the weights must follow the declared pattern (its own, or `--pattern`). A
+plain state dict (`.safetensors`, `.pth`) has no masks: every conv/Linear-shaped weight the
+pattern applies to is checked for the structure alone (for n:m, at most n nonzeros in every group
+of m input channels; blocks and single weights always form a valid layout, so for `block` and
+`unstructured` only the sparsity is reported).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsify.errors import SparsifyError
+from sparsify.core.patterns import build_pattern, describe_pattern, parse_pattern
+
+
+def check_file(path: Path, *, pattern: str | None = None) -> dict:
+    """Findings per layer and the verdict, as JSON-ready data."""
+    path = Path(path)
+    if not path.is_file():
+        raise SparsifyError(f"{path} does not exist; pass a checkpoint or a state dict file")
+    state, masks, meta = read_tensors(path)
+    if pattern is None and not masks:
+        raise SparsifyError(f"{path} has no masks to check against; pass --pattern (e.g. 2:4, 8x8, unstructured)")
+    spec = parse_pattern(pattern) if pattern else meta["pattern"]
+    declared = build_pattern(spec)
+    if masks:
+        stored = build_pattern(meta["pattern"])
+        layers = [check_masked(name, state[name], masks[name], stored, declared, meta.get("target"))
+                  for name in masks]
+        skipped = [{"parameter": n, "reason": "no mask (not pruned)"} for n in weight_names(state) if n not in masks]
+    else:
+        layers, skipped = check_plain(state, declared)
+    return verdict(path, spec, layers, skipped, kind="checkpoint" if masks else "state dict")
+
+
+def read_tensors(path: Path) -> tuple[dict, dict, dict]:
+    """(state, masks, metadata) of a sparsify checkpoint; (state, {}, {}) of a plain state dict."""
+    from sparsify.io.checkpoint import parse_checkpoint, read_metadata
+    from sparsify.models.build import read_weights_file
+
+    if path.suffix == ".safetensors" and "format" in read_metadata(path):
+        ckpt = parse_checkpoint(path)
+        return ckpt.state, ckpt.masks, ckpt.meta
+    return read_weights_file(path), {}, {}
+
+
+def weight_names(state: dict) -> list[str]:
+    """Conv- and Linear-shaped weights: `*weight` tensors with 2 to 5 dimensions."""
+    return [n for n, t in state.items() if n.endswith("weight") and 2 <= t.dim() <= 5]
+
+
+def check_masked(name: str, weight: torch.Tensor, mask: torch.Tensor, stored, declared, target) -> dict:
+    """One pruned layer: mask fits, masked weights are 0.0, and the weights follow `declared`."""
+    problems = []
+    expected = tuple(stored.mask_shape(tuple(weight.shape)))
+    if tuple(mask.shape) != expected or mask.dtype != torch.bool:
+        problems.append(f"mask has shape {tuple(mask.shape)} ({mask.dtype}), needs bool {expected}")
+    else:
+        element = stored.expand(mask, tuple(weight.shape))
+        leaked = int(weight[~element].ne(0).sum())
+        if leaked:
+            problems.append(f"{leaked} masked weights are not 0.0")
+    problems += structure_problems(declared, weight)
+    return finding(name, weight, problems, target=target)
+
+
+def check_plain(state: dict, declared) -> tuple[list[dict], list[dict]]:
+    """Every weight the pattern applies to, by shape; the others with the reason they were skipped."""
+    layers, skipped = [], []
+    for name in weight_names(state):
+        weight = state[name]
+        reason = shape_reason(declared, tuple(weight.shape))
+        if reason:
+            skipped.append({"parameter": name, "reason": reason})
+        else:
+            layers.append(finding(name, weight, structure_problems(declared, weight), target=None))
+    return layers, skipped
+
+
+def shape_reason(pattern, shape: tuple[int, ...]) -> str | None:
+    """Why `pattern` does not apply to a weight of `shape` (read as an ungrouped conv or a Linear)."""
+    cin, cout, taps = shape[1], shape[0], shape[2:]
+    with torch.device("meta"):
+        module = nn.Linear(cin, cout) if not taps else [nn.Conv1d, nn.Conv2d, nn.Conv3d][len(taps) - 1](cin, cout, taps)
+    return pattern.ineligible_reason(module, shape)
+
+
+def structure_problems(pattern, weight: torch.Tensor) -> list[str]:
+    """What breaks the pattern's layout beyond its mask (n:m: groups with more than n nonzeros)."""
+    return pattern.layout_problems(weight)
+
+
+def finding(name: str, weight: torch.Tensor, problems: list[str], *, target) -> dict:
+    zeros = int(weight.eq(0).sum())
+    return {"parameter": name, "shape": "x".join(map(str, weight.shape)), "follows": not problems,
+            "sparsity": round(zeros / weight.numel(), 6), "target": target, "zeros": zeros,
+            "weights": weight.numel(), "problems": problems}
+
+
+def verdict(path: Path, spec: dict, layers: list[dict], skipped: list[dict], *, kind: str) -> dict:
+    """The overall answer: follows when every checked layer does and at least one was checked."""
+    bad = [layer for layer in layers if not layer["follows"]]
+    zeros = sum(layer["zeros"] for layer in layers)
+    total = sum(layer["weights"] for layer in layers)
+    reason = ""
+    if not layers:
+        reason = f"{path} has no weight that pattern {describe_pattern(spec)} applies to"
+    elif bad:
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        reason = f"{bad[0]['parameter']} does not follow {describe_pattern(spec)}: {bad[0]['problems'][0]}{more}"
+    targets = {layer["target"] for layer in layers}
+    return {"file": str(path), "kind": kind, "pattern": describe_pattern(spec), "follows": not reason,
+            "reason": reason, "checked": len(layers), "violating": len(bad),
+            "sparsity": round(zeros / total, 6) if total else 0.0,
+            "target": targets.pop() if len(targets) == 1 else None, "layers": layers, "skipped": skipped}
+
+
+def render(result: dict, fmt: str) -> str:
+    """Text (one line per layer, then the verdict) or JSON."""
+    if fmt == "json":
+        return json.dumps(result, indent=2)
+    lines = [f"{result['file']} ({result['kind']}), pattern {result['pattern']}:"]
+    for layer in result["layers"]:
+        state = "ok" if layer["follows"] else "VIOLATES: " + "; ".join(layer["problems"])
+        lines.append(f"  {layer['parameter']} [{layer['shape']}] sparsity {100 * layer['sparsity']:.2f}%"
+                     f"{_target_text(layer['target'])} {state}")
+    for item in result["skipped"]:
+        lines.append(f"  {item['parameter']}: not checked ({item['reason']})")
+    word = "follows" if result["follows"] else "does NOT follow"
+    lines.append(f"{word} {result['pattern']}: {result['checked']} layers checked, {result['violating']} violating, "
+                 f"{len(result['skipped'])} not checked; sparsity of checked weights "
+                 f"{100 * result['sparsity']:.2f}%{_target_text(result['target'])}")
+    return "\n".join(lines)
+
+
+def _target_text(target: float | None) -> str:
+    return "" if target is None else f" (target {100 * target:.2f}%)"
