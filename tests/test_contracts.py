@@ -1,0 +1,126 @@
+"""Contract tests over the registries: every pattern, criterion, method and exporter registered
+when the package loads is held to the same rules, so a new entry gets these tests for free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsify.config import load_config
+from sparsify.core.criteria import ScoreInputs, score_groups
+from sparsify.core.masks import check_masks, full_masks
+from sparsify.core.patterns import build_pattern
+from sparsify.core.prune import PruneSettings, prune_round
+from sparsify.errors import ConfigError, SparsifyError
+from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
+from sparsify.registry import CRITERIA, EXPORTERS, METHODS, PATTERNS
+
+PATTERN_NAMES, CRITERION_NAMES = PATTERNS.names(), CRITERIA.names()
+METHOD_NAMES, EXPORTER_NAMES = METHODS.names(), EXPORTERS.names()
+
+
+def tiny_layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 16, 1), nn.Flatten(), nn.LazyLinear(16))
+
+
+def eligible(model: nn.Module, pattern) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters()
+            if name.endswith("weight") and pattern.ineligible_reason(dict(model.named_modules())[name[:-7]],
+                                                                     tuple(p.shape)) is None}
+
+
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+def test_pattern_shapes_spec_and_text_round_trip(name):
+    pattern = PATTERNS.get(name).example()
+    assert build_pattern(pattern.spec()) == pattern and pattern.spec()["type"] == name
+    assert isinstance(pattern.describe(), str) and pattern.describe()
+    for shape in [(32, 16, 3, 3), (16, 32, 1, 1), (16, 48)]:
+        sizes = pattern.group_sizes(shape)
+        assert tuple(sizes.shape) == tuple(pattern.mask_shape(shape)) and int(sizes.sum()) == torch.Size(shape).numel()
+        full = torch.ones(pattern.mask_shape(shape), dtype=torch.bool)
+        assert pattern.expand(full, shape).all()
+        mask = torch.rand(pattern.mask_shape(shape), generator=torch.Generator().manual_seed(1)) < 0.5
+        element = pattern.expand(mask, shape)
+        assert torch.equal(pattern.group_sum(element.double()), sizes * mask)  # a group is kept or zeroed whole
+        assert pattern.grid(mask).ndim == 2
+
+
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+def test_pattern_prunes_a_model_and_its_masks_survive_a_checkpoint(name, tmp_path):
+    pattern = PATTERNS.get(name).example()
+    model = tiny_layers()
+    model(torch.zeros(1, 16, 5, 5))
+    weights = eligible(model, pattern)
+    assert weights, f"pattern {name}: no eligible layer in the tiny model"
+    settings = PruneSettings(pattern=pattern, criterion="l1", target=0.5, step=0.5)
+    masks, entries = prune_round(weights, full_masks(model, list(weights), pattern), settings)
+    assert all(e.zeros_after > e.zeros_before for e in entries)
+    for layer, mask in masks.items():
+        weights[layer].data.mul_(pattern.expand(mask, tuple(weights[layer].shape)))
+    check_masks(model.state_dict(), masks, pattern, source="contract")
+    save_checkpoint(tmp_path / "c.safetensors", model.state_dict(), masks, {"pattern": pattern.spec(), "arch": "x"})
+    loaded = load_checkpoint(tmp_path / "c.safetensors")
+    assert all(torch.equal(loaded.masks[k], masks[k]) for k in masks)
+    assert all(pattern.layout_problems(loaded.state[k]) == [] for k in masks)
+
+
+@pytest.mark.parametrize("pattern_name", PATTERN_NAMES)
+@pytest.mark.parametrize("name", CRITERION_NAMES)
+def test_criterion_scores_every_group_or_refuses_the_pattern(name, pattern_name):
+    pattern = PATTERNS.get(pattern_name).example()
+    weight = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(2))
+    criterion = CRITERIA.get(name)
+    inputs = ScoreInputs(layer="w", seed=1, round=1,
+                         taylor=weight.abs() if criterion.needs_gradients else None)
+    if criterion.needs_groups and not pattern.supports_variance:
+        with pytest.raises(SparsifyError, match="needs groups of several weights"):
+            score_groups(name, weight, pattern, inputs)
+        return
+    scores = score_groups(name, weight, pattern, inputs)
+    assert tuple(scores.shape) == tuple(pattern.mask_shape(tuple(weight.shape))) and scores.dtype == torch.float64
+    assert torch.equal(scores, score_groups(name, weight, pattern, inputs))  # the same inputs, the same scores
+
+
+def method_sections(method: str, pattern: str) -> list[str]:
+    spec = PATTERNS.get(pattern).example().spec()
+    flow = "{" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}"
+    return [f"sparsity.method={method}", f"sparsity.pattern={flow}", "sparsity.criterion=l1"]
+
+
+@pytest.mark.parametrize("pattern", PATTERN_NAMES)
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_and_pattern_trains_or_is_refused_at_config_time(method, pattern, tiny_config, cli, tmp_path):
+    overrides = method_sections(method, pattern)
+    try:
+        load_config(None, overrides)
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message and (method in message or pattern in message), message
+        return
+    config = tiny_config(data={"limit_train_batches": 1, "limit_val_batches": 1, "fake_samples": 8})
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    assert cli("download", "-c", config, *sets)[0] == 0
+    if METHODS.get(method).prune_rounds:
+        code, _, err = cli("prune", "-c", config, *sets)
+        assert code == 0, err
+    code, _, err = cli("train", "-c", config, *sets)
+    assert code == 0, err
+    latest = sorted((tmp_path / "runs/tiny/checkpoints").iterdir())[-1]
+    code, out, err = cli("check", latest)
+    assert code == 0, out + err
+
+
+@pytest.mark.parametrize("name", EXPORTER_NAMES)
+def test_every_exporter_writes_a_file_of_the_checkpoint(name, tiny_config, cli, tmp_path):
+    if name == "onnx":
+        pytest.importorskip("onnx")
+        pytest.importorskip("onnxscript")
+    config = tiny_config()
+    assert cli("download", "-c", config)[0] == 0 and cli("prune", "-c", config)[0] == 0
+    code, out, err = cli("export", "-c", config, "--format", name, "-o", tmp_path / f"model.{name}")
+    assert code == 0, err
+    path = tmp_path / f"model.{name}"
+    assert path.is_file() and path.stat().st_size > 10_000
+    assert path.name.endswith(EXPORTERS.get(name).suffix)
