@@ -95,7 +95,7 @@ def pruned_resnet18():
     model = torchvision.models.resnet18(num_classes=10)
     pattern = BlockPattern(8, 8)
     eligible = [l.name for l in find_layers(model, pattern, include_linear=False, exclude=[]) if l.reason is None]
-    settings = PruneSettings(pattern, "variance", 0.5, 0.5, "remaining", True, True, False)
+    settings = PruneSettings(pattern=pattern, criterion="variance", target=0.5, step=0.5)
     masks, _ = prune_round(dict(model.named_parameters()), full_masks(model, eligible, pattern), settings)
     MaskEnforcer(model, masks, pattern).apply_()
     return model, masks, pattern

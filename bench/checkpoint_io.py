@@ -57,7 +57,7 @@ def main() -> None:
     model = torchvision.models.resnet50()
     pattern = BlockPattern(8, 8)
     eligible = [l.name for l in find_layers(model, pattern, include_linear=False, exclude=[]) if l.reason is None]
-    settings = PruneSettings(pattern, "variance", 0.5, 0.2, "remaining", True, True, False)
+    settings = PruneSettings(pattern=pattern, criterion="variance", target=0.5, step=0.2)
     masks, log = prune_round(dict(model.named_parameters()), full_masks(model, eligible, pattern), settings)
     MaskEnforcer(model, masks, pattern).apply_()
     state = model.state_dict()

@@ -49,7 +49,7 @@ def worker(rank: int, world: int, init_file: str, out: str, batch: int, samples:
     names = [layer.name for layer in find_layers(model, pattern, include_linear=False, exclude=[]) if layer.reason is None]
     weights = dict(model.named_parameters())
     masks, _ = prune_round(weights, full_masks(model, names, pattern),
-                           PruneSettings(pattern, "l1", 0.5, 0.5, "remaining", True, True, False))
+                           PruneSettings(pattern=pattern, criterion="l1", target=0.5, step=0.5))
     enforcer = MaskEnforcer(model, masks, pattern)
     data = TensorDataset(torch.randn(samples, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
                          torch.randint(0, 10, (samples,), generator=torch.Generator().manual_seed(2)))

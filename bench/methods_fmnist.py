@@ -109,7 +109,8 @@ def run_static_magnitude(ctx: Context) -> dict:
     model = copy.deepcopy(ctx.start)
     dense_epochs = ctx.epochs // 2
     ctx.train(model, {}, epochs=dense_epochs)
-    settings = PruneSettings(ctx.pattern, "l1", TARGET, 1.0, "remaining", False, False, False, scope="global")
+    settings = PruneSettings(pattern=ctx.pattern, criterion="l1", target=TARGET, step=1.0, keep_rows=False,
+                             keep_cols=False, scope="global")
     weights = dict(model.named_parameters())
     masks, _ = prune_round(weights, full_masks(model, ctx.eligible, ctx.pattern), settings)
     MaskEnforcer(model, masks, ctx.pattern).apply_()
@@ -185,7 +186,8 @@ def run_magnitude_2of4(ctx: Context) -> dict:
     nm = build_pattern({"type": "nm", "n": 2, "m": 4})
     names = two_of_four_layers(ctx)
     masks, _ = prune_round(dict(model.named_parameters()), full_masks(model, names, nm),
-                           PruneSettings(nm, "l1", 0.5, 1.0, "remaining", False, False, False))
+                           PruneSettings(pattern=nm, criterion="l1", target=0.5, step=1.0, keep_rows=False,
+                                         keep_cols=False))
     MaskEnforcer(model, masks, nm).apply_()
     full, expected = two_of_four_masks(ctx, model, masks)
     return ctx.row(model, full, started, expected_kept=expected)

@@ -86,7 +86,7 @@ def prune_once(model, pattern, *, criterion: str, target: float, scope: str = "l
     from sparsify.core.prune import PruneSettings, prune_round
 
     names = eligible_layers(model, pattern)
-    settings = PruneSettings(pattern, criterion, target, 1.0, "remaining", True, True, False, scope)
+    settings = PruneSettings(pattern=pattern, criterion=criterion, target=target, step=1.0, scope=scope)
     masks, _ = prune_round(dict(model.named_parameters()), full_masks(model, names, pattern), settings)
     MaskEnforcer(model, masks, pattern).apply_()
     return masks

@@ -76,7 +76,7 @@ def measure(model, example, time_limit: float) -> dict:
     pattern = NMPattern(2, 4)
     eligible = [layer.name for layer in find_layers(model, pattern, include_linear=True, exclude=[])
                 if layer.reason is None]
-    settings = PruneSettings(pattern, "l1", 0.5, 0.2, "remaining", True, True, False)
+    settings = PruneSettings(pattern=pattern, criterion="l1", target=0.5, step=0.2)
     weights = dict(model.named_parameters())
     prune_s, _ = timed(prune_round, weights, full_masks(model, eligible, pattern), settings)
     with torch.no_grad():

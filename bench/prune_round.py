@@ -63,7 +63,7 @@ def main() -> None:
     weights = dict(model.named_parameters())
     full = full_masks(model, eligible, pattern)
     settings = {
-        c: PruneSettings(pattern, c, 0.5, 0.2, "remaining", True, True, False) for c in CRITERIA
+        c: PruneSettings(pattern=pattern, criterion=c, target=0.5, step=0.2) for c in CRITERIA
     }
     sizes = {n: block_sizes(tuple(weights[n].shape), pattern) for n in eligible}
     eligible_weights = sum(weights[n].numel() for n in eligible)

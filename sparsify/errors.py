@@ -29,6 +29,10 @@ class RunLockedError(SparsifyError):
     """Another sparsify command holds the run folder."""
 
 
+class MaskDivergenceError(SparsifyError):
+    """Ranks hold different masks for the same layer."""
+
+
 class TargetReached(SparsifyError):
     """Every eligible layer is at its target; `prune` exits 3 so shell loops stop."""
 

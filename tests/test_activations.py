@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify.methods.activations import attach_activation_masks_, checkerboard, densities, random_mask
+from sparsify.methods.activations import attach_activation_masks_, checkerboard, densities, random_position_mask
 from sparsify.errors import SparsifyError
 
 
@@ -19,7 +19,7 @@ def test_checkerboard_quarters_by_hand():
 
 @pytest.mark.parametrize("quarters", [1, 2, 3])
 def test_random_masks_keep_exactly_q_quarters(quarters):
-    mask = random_mask(6, 10, quarters=quarters, generator=torch.Generator().manual_seed(1))
+    mask = random_position_mask(6, 10, quarters=quarters, generator=torch.Generator().manual_seed(1))
     assert int(mask.sum()) == round(quarters * 60 / 4)
 
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from sparsify.stages import pipeline
 from sparsify.config import load_config
-from sparsify.training.distributed import MaskDivergenceError, check_masks_agree, first_divergence, mask_digests
+from sparsify.errors import MaskDivergenceError
+from sparsify.training.distributed import check_masks_agree, first_divergence, mask_digests
 
 TESTS = Path(__file__).parent
 

@@ -48,7 +48,7 @@ def masked_tiny_resnet():
     model = build_model("tiny_resnet", num_classes=10, in_channels=3)
     pattern = BlockPattern(8, 8)
     names = [l.name for l in find_layers(model, pattern, include_linear=True, exclude=[]) if l.reason is None]
-    settings = PruneSettings(pattern, "l1", 0.5, 0.5, "remaining", True, True, False)
+    settings = PruneSettings(pattern=pattern, criterion="l1", target=0.5, step=0.5)
     masks, _ = prune_round(dict(model.named_parameters()), full_masks(model, names, pattern), settings)
     enforcer = MaskEnforcer(model, masks, pattern)
     enforcer.apply_()

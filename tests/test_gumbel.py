@@ -12,8 +12,8 @@ from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
 from sparsify.config import GumbelConfig
 from sparsify.errors import CheckpointError
 from sparsify.methods.gumbel import (
-    LOGITS_PREFIX, PRUNED_PREFIX, GumbelCallbacks, GumbelMask, attach_gumbel_, detach_gumbel_, from_groups,
-    magnitude_logits, sample_choice, set_trainable_, to_groups, two_of_four_patterns,
+    LOGITS_PREFIX, PRUNED_PREFIX, GumbelCallbacks, GumbelMask, attach_gumbel_, detach_gumbel_, from_gumbel_groups,
+    magnitude_logits, sample_choice, set_trainable_, to_gumbel_groups, two_of_four_patterns,
 )
 from sparsify.core.masks import MaskEnforcer
 from sparsify.core.patterns import UnstructuredPattern
@@ -46,14 +46,14 @@ def test_the_six_patterns_keep_two_of_four_and_differ():
 
 def test_channel_groups_run_along_input_channels():
     weight = torch.arange(16.0).reshape(1, 8, 1, 2)  # (cout, cin, kh, kw)
-    groups = to_groups(weight, "channels")
+    groups = to_gumbel_groups(weight, "channels")
     assert groups[0].tolist() == [0.0, 2.0, 4.0, 6.0]  # cin 0..3 at (kh 0, kw 0)
     assert groups[1].tolist() == [8.0, 10.0, 12.0, 14.0]  # cin 4..7 at (kh 0, kw 0)
     assert groups[2].tolist() == [1.0, 3.0, 5.0, 7.0]  # cin 0..3 at (kw 1)
-    assert torch.equal(from_groups(groups, weight.shape, grouping="channels"), weight)
-    flat = to_groups(weight, "flat")
+    assert torch.equal(from_gumbel_groups(groups, weight.shape, grouping="channels"), weight)
+    flat = to_gumbel_groups(weight, "flat")
     assert flat[0].tolist() == [0.0, 1.0, 2.0, 3.0]
-    assert torch.equal(from_groups(flat, weight.shape, grouping="flat"), weight)
+    assert torch.equal(from_gumbel_groups(flat, weight.shape, grouping="flat"), weight)
 
 
 def test_training_samples_are_exact_zero_one_masks_with_gradients():

@@ -37,7 +37,7 @@ def prune_once(model: nn.Module):
     pattern = BlockPattern(8, 8)
     layers = find_layers(model, pattern, include_linear=True, exclude=[])
     eligible = [layer.name for layer in layers if layer.reason is None]
-    settings = PruneSettings(pattern, "l1", 0.5, 0.5, "remaining", True, True, False)
+    settings = PruneSettings(pattern=pattern, criterion="l1", target=0.5, step=0.5)
     masks, _ = prune_round(dict(model.named_parameters()), full_masks(model, eligible, pattern), settings)
     return layers, masks, pattern
 

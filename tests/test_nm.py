@@ -13,7 +13,7 @@ from sparsify.core.prune import PruneSettings, find_layers, prune_layer, prune_r
 
 
 def nm_settings(criterion="l1", n=2, m=4):
-    return PruneSettings(NMPattern(n, m), criterion, 0.5, 0.2, "remaining", True, True, False)
+    return PruneSettings(pattern=NMPattern(n, m), criterion=criterion, target=0.5, step=0.2)
 
 
 def test_linear_keeps_the_two_largest_magnitudes_of_every_four_inputs():

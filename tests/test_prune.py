@@ -111,9 +111,8 @@ def test_variance_with_unstructured_is_refused_with_the_alternatives():
 
 
 def pattern_specs():
-    # nm reaches its layout in one round (step/target do not apply): its invariants are in test_nm.py
-    return [{"type": "block", "block": [4, 4]} if name == "block" else {"type": name}
-            for name in PATTERNS.names() if name != "nm"]
+    # one-round patterns (nm) reach their layout at once (step/target do not apply): see test_nm.py
+    return [PATTERNS.get(name).example().spec() for name in PATTERNS.names() if not PATTERNS.get(name).one_round]
 
 
 @pytest.mark.parametrize("spec", pattern_specs(), ids=lambda s: s["type"])
@@ -126,19 +125,20 @@ def test_invariants_over_every_pattern_and_criterion(spec, criterion, keep):
     w = torch.randn(12, 10, 3, 3)
     grad = torch.randn(12, 10, 3, 3)  # a stand-in loss gradient for criterion taylor
     mask = torch.ones(pattern.mask_shape(tuple(w.shape)), dtype=torch.bool)
-    s = PruneSettings(pattern, criterion, 0.6, 0.3, "remaining", keep, keep, False)
+    s = PruneSettings(pattern=pattern, criterion=criterion, target=0.6, step=0.3, keep_rows=keep, keep_cols=keep)
     target = target_zero_count(tuple(pattern.grid(mask).shape), 0.6, False)
     for _ in range(8):
         masked = w * pattern.expand(mask, tuple(w.shape))
         try:
             new, entry = prune_layer("w", masked, mask, s, inputs=ScoreInputs("w", taylor=(masked * grad).abs()))
         except SparsifyError:
-            assert criterion == "variance" and spec["type"] == "unstructured"
+            assert CRITERIA.get(criterion).needs_groups and not pattern.supports_variance
             return
         assert not (new & ~mask).any(), "a pruned group came back"
         kept = int(mask.sum())
         want = min(math.ceil(0.3 * kept - 1e-9), target - (mask.numel() - kept))
-        assert entry.zeros_after - entry.zeros_before == want or entry.note
+        got = entry.zeros_after - entry.zeros_before
+        assert got == want or (entry.note and got < want), (got, want, entry.note)  # a constraint may only hold back
         assert entry.zeros_after <= target
         sizes = pattern.group_sizes(tuple(w.shape))
         assert int(pattern.expand(new, tuple(w.shape)).sum()) == int(sizes[new].sum())

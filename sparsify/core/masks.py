@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -50,29 +48,6 @@ class MaskEnforcer:
         for param, element in self.pairs:
             if param.grad is not None:
                 param.grad.mul_(element)
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """Sparsity of one masked weight."""
-
-    name: str
-    shape: tuple[int, ...]
-    groups: int
-    groups_kept: int
-    weights: int
-    zeros: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.weights if self.weights else 0.0
-
-
-def layer_stats(name: str, weight: torch.Tensor, mask: torch.Tensor | None) -> LayerStats:
-    groups = int(mask.numel()) if mask is not None else 0
-    kept = int(mask.sum()) if mask is not None else 0
-    zeros = int((weight == 0).sum())
-    return LayerStats(name, tuple(weight.shape), groups, kept, weight.numel(), zeros)
 
 
 def find_unmasked_nonzeros(

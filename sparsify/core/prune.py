@@ -27,7 +27,7 @@ from sparsify.registry import CRITERIA
 _EPS = 1e-9
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PruneSettings:
     """What one round needs to know, taken from the `sparsity:` section."""
 

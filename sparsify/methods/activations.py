@@ -34,7 +34,7 @@ def checkerboard(height: int, width: int, *, quarters: int) -> torch.Tensor:
     return mask
 
 
-def random_mask(height: int, width: int, *, quarters: int, generator: torch.Generator) -> torch.Tensor:
+def random_position_mask(height: int, width: int, *, quarters: int, generator: torch.Generator) -> torch.Tensor:
     """Bool (H, W) mask with exactly round(quarters/4 * H * W) kept positions at random."""
     total = height * width
     kept = torch.randperm(total, generator=generator)[: round(quarters * total / 4)]
@@ -59,14 +59,14 @@ class ActivationSite:
     def mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """The mask for this forward: fixed per size, or fresh for `dynamic`."""
         if self.kind == "dynamic":
-            return random_mask(height, width, quarters=self.quarters, generator=self.generator).to(device)
+            return random_position_mask(height, width, quarters=self.quarters, generator=self.generator).to(device)
         key = (height, width)
         if key not in self.fixed:
             if self.kind == "checkerboard":
                 self.fixed[key] = checkerboard(height, width, quarters=self.quarters)
             else:
                 fixed_gen = torch.Generator().manual_seed(self.seed + 7919 * height + width)
-                self.fixed[key] = random_mask(height, width, quarters=self.quarters, generator=fixed_gen)
+                self.fixed[key] = random_position_mask(height, width, quarters=self.quarters, generator=fixed_gen)
         return self.fixed[key].to(device)
 
     def record(self, output: torch.Tensor, mask: torch.Tensor) -> None:

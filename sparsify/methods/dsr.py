@@ -136,7 +136,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 # ---------------------------------------------------------------- masks
 
 
-def random_mask(shape: tuple[int, ...], keep: int, generator: torch.Generator) -> torch.Tensor:
+def random_weight_mask(shape: tuple[int, ...], keep: int, generator: torch.Generator) -> torch.Tensor:
     """Bool mask of `shape` with exactly `keep` True entries at random positions."""
     flat = torch.zeros(math.prod(shape), dtype=torch.bool)
     flat[torch.randperm(flat.numel(), generator=generator)[:keep]] = True
@@ -146,7 +146,7 @@ def random_mask(shape: tuple[int, ...], keep: int, generator: torch.Generator) -
 def thin_masks(weights: dict[str, torch.Tensor], keep: dict[str, int], *, seed: int) -> dict[str, torch.Tensor]:
     """Initial random masks with exactly `keep[name]` kept entries per tensor."""
     generator = step_generator(seed, 0)
-    return {name: random_mask(tuple(weights[name].shape), keep[name], generator) for name in keep}
+    return {name: random_weight_mask(tuple(weights[name].shape), keep[name], generator) for name in keep}
 
 
 def prune_below(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],

@@ -65,8 +65,8 @@ class GradualCallbacks(TrainCallback):
         self.target = s.target
         self.eligible = list(context.eligible)
         pattern = build_pattern(s.pattern.model_dump())
-        self.settings = PruneSettings(pattern, s.criterion, s.target, 1.0, "remaining",
-                                      s.keep_rows, s.keep_cols, s.balanced)
+        self.settings = PruneSettings(pattern=pattern, criterion=s.criterion, target=s.target, step=1.0,
+                                      keep_rows=s.keep_rows, keep_cols=s.keep_cols, balanced=s.balanced)
         self.start = self.end = None
         if "steps_per_epoch" in context.extra:
             self.set_steps_per_epoch(context.extra["steps_per_epoch"])

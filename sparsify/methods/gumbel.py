@@ -39,7 +39,7 @@ def two_of_four_patterns() -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def to_groups(tensor: torch.Tensor, grouping: str) -> torch.Tensor:
+def to_gumbel_groups(tensor: torch.Tensor, grouping: str) -> torch.Tensor:
     """Weight-shaped tensor -> (groups, 4) in the grouping's order."""
     if grouping == "flat":
         return tensor.reshape(-1, 4)
@@ -47,8 +47,8 @@ def to_groups(tensor: torch.Tensor, grouping: str) -> torch.Tensor:
     return moved.reshape(-1, 4)
 
 
-def from_groups(groups: torch.Tensor, shape: tuple[int, ...], *, grouping: str) -> torch.Tensor:
-    """(groups, 4) -> a tensor of the weight's shape (inverse of `to_groups`)."""
+def from_gumbel_groups(groups: torch.Tensor, shape: tuple[int, ...], *, grouping: str) -> torch.Tensor:
+    """(groups, 4) -> a tensor of the weight's shape (inverse of `to_gumbel_groups`)."""
     if grouping == "flat" or len(shape) == 2:
         return groups.reshape(shape)
     moved = (shape[0], *shape[2:], shape[1])
@@ -97,18 +97,18 @@ class GumbelMask(nn.Module):
             choice = sample_choice(self.logits, self.tau)
         else:
             choice = F.one_hot(self.logits.argmax(-1), 6).to(self.logits.dtype)
-        return from_groups(choice @ self.patterns, self.shape, grouping=self.grouping)
+        return from_gumbel_groups(choice @ self.patterns, self.shape, grouping=self.grouping)
 
     @torch.no_grad()
     def hard_mask(self) -> torch.Tensor:
         """The deterministic (argmax) element mask as bool."""
         choice = self.patterns[self.logits.argmax(-1)]
-        return from_groups(choice, self.shape, grouping=self.grouping).to("cpu", torch.bool)
+        return from_gumbel_groups(choice, self.shape, grouping=self.grouping).to("cpu", torch.bool)
 
 
 def magnitude_logits(weight: torch.Tensor, *, grouping: str) -> torch.Tensor:
     """Logits that favour the magnitude 2:4 pattern: kept |w| of each pattern over the group's mean |w|."""
-    magnitude = to_groups(weight.detach().abs().float().cpu(), grouping)
+    magnitude = to_gumbel_groups(weight.detach().abs().float().cpu(), grouping)
     scale = magnitude.mean(-1, keepdim=True).clamp_min(1e-12)
     return (magnitude / scale) @ two_of_four_patterns().T
 

@@ -220,8 +220,9 @@ def prune(config: RunConfig) -> StageResult:
 
             permute_meta = permute_before_prune_(loaded.model, meta, pattern=pattern, eligible=eligible,
                                                  time_limit=s.permute.time_limit, seed=config.seed)
-        settings = PruneSettings(pattern, s.criterion, s.target, s.step, s.step_basis,
-                                 s.keep_rows, s.keep_cols, s.balanced, s.scope)
+        settings = PruneSettings(pattern=pattern, criterion=s.criterion, target=s.target, step=s.step,
+                                 step_basis=s.step_basis, keep_rows=s.keep_rows, keep_cols=s.keep_cols,
+                                 balanced=s.balanced, scope=s.scope)
         weights = dict(loaded.model.named_parameters())
         if s.regroup.enabled and (meta.get("regroup") or {}).get("imp_at_target"):
             raise TargetReached(f"the last prune reached the target ({s.target:.0%}) before regroup; "

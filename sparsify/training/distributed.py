@@ -18,11 +18,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from sparsify.errors import SparsifyError
-
-
-class MaskDivergenceError(SparsifyError):
-    """Ranks hold different masks for the same layer."""
+from sparsify.errors import MaskDivergenceError, SparsifyError
 
 
 @dataclass(frozen=True)

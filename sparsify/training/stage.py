@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -39,14 +39,19 @@ class Finetuned:
     metrics: dict
 
 
+def settings_from(section, cls):
+    """A settings dataclass from the config section's keys of the same names (by keyword, never by position)."""
+    names = {f.name for f in fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.model_dump().items() if k in names}
+    return cls(**values)
+
+
 def optim_config(t) -> OptimConfig:
-    return OptimConfig(t.optimizer, t.lr, t.momentum, t.weight_decay, t.lr_schedule, tuple(t.lr_steps),
-                       t.lr_gamma, t.warmup_epochs, t.warmup_steps)
+    return settings_from(t, OptimConfig)
 
 
 def loop_options(t) -> LoopOptions:
-    return LoopOptions(t.amp, t.channels_last, t.compile, t.label_smoothing, t.clip_grad_norm, t.log_every,
-                       t.save_every_steps, t.save_every_minutes)
+    return settings_from(t, LoopOptions)
 
 
 @contextmanager
