@@ -87,6 +87,27 @@ NprocOption = Annotated[
 ]
 
 
+ThreadsOption = Annotated[
+    Optional[str],
+    typer.Option("--threads", metavar="auto|N",
+                 help="CPU threads for torch: auto or N >= 1 (default: train.threads).", show_default=False),
+]
+
+
+def with_threads(overrides: Optional[list[str]], threads: Optional[str]) -> list[str]:
+    """`--threads N` as the override train.threads=N: validated with the config, recorded in config.yaml."""
+    return [*(overrides or []), *([f"train.threads={threads}"] if threads is not None else [])]
+
+
+def load_stage(config: Optional[Path], overrides: Optional[list[str]], threads: Optional[str]):
+    """The config (with --threads), and torch's CPU threads set from train.threads for this command."""
+    from sparsify.threads import apply_threads
+
+    resolved = load(config, with_threads(overrides, threads))
+    apply_threads(resolved.train.threads)
+    return resolved
+
+
 def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]], nproc: int, extra: list[str]) -> None:
     """Run this command again in `nproc` processes through torch.distributed's launcher."""
     from sparsify.distributed import launch
@@ -104,20 +125,21 @@ def download(
     config: ConfigOption = None,
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Delete the run's checkpoints and start again.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Build the model with its starting weights (downloaded if needed) as the round-0 checkpoint."""
     from sparsify import pipeline
 
-    say(pipeline.download(load(config, set_), force=force).message)
+    say(pipeline.download(load_stage(config, set_, threads), force=force).message)
 
 
 @app.command()
 @reports_errors
-def prune(config: ConfigOption = None, set_: SetOption = None) -> None:
+def prune(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsOption = None) -> None:
     """Run one prune round on the latest checkpoint. Exits 3 once every layer is at its target."""
     from sparsify import pipeline
 
-    say(pipeline.prune(load(config, set_)).message)
+    say(pipeline.prune(load_stage(config, set_, threads)).message)
 
 
 @app.command()
@@ -127,33 +149,36 @@ def train(
     set_: SetOption = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default: train.epochs).")] = None,
     nproc: NprocOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Finetune the latest checkpoint with its masks enforced, evaluate, save a new checkpoint."""
     from sparsify import pipeline
 
     if nproc is not None:
-        return relaunch("train", config, set_, nproc, ["--epochs", str(epochs)] if epochs else [])
-    say(pipeline.train(load(config, set_), epochs=epochs).message)
+        return relaunch("train", config, with_threads(set_, threads), nproc,
+                        ["--epochs", str(epochs)] if epochs else [])
+    say(pipeline.train(load_stage(config, set_, threads), epochs=epochs).message)
 
 
 @app.command("eval")
 @reports_errors
-def eval_(config: ConfigOption = None, set_: SetOption = None) -> None:
+def eval_(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsOption = None) -> None:
     """Evaluate the latest checkpoint (top-1, top-5, loss) on the validation set."""
     from sparsify import pipeline
 
-    say(pipeline.eval_latest(load(config, set_)).message)
+    say(pipeline.eval_latest(load_stage(config, set_, threads)).message)
 
 
 @app.command()
 @reports_errors
-def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption = None) -> None:
+def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption = None,
+        threads: ThreadsOption = None) -> None:
     """Run the whole schedule (dense epochs, prune+train rounds, final epochs); resumable."""
     from sparsify import pipeline
 
     if nproc is not None:
-        return relaunch("run", config, set_, nproc, [])
-    results = pipeline.run_schedule(load(config, set_))
+        return relaunch("run", config, with_threads(set_, threads), nproc, [])
+    results = pipeline.run_schedule(load_stage(config, set_, threads))
     say(f"run finished: {len(results)} stage(s) this time; see `sparsify report`")
 
 

@@ -156,7 +156,7 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
         "sparsity_config": config.sparsity.model_dump(mode="json"),
         "parent": parent.path.name if parent else None, "parent_sha256": parent.sha256 if parent else None,
         "config_hash": config_hash(config), "metrics": metrics, "versions": versions(),
-        "created": now(),
+        "created": now(), "threads": torch.get_num_threads(),
         "prune_log": base.get("prune_log", []) if base.get("round") == round_ else [],
     }
     if base.get("regroup") and base.get("round") == round_:
@@ -344,7 +344,8 @@ def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained
             check_same_run(config, meta)
             n_epochs = epochs or config.train.epochs
             log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}"
-                f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked layers")
+                f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked layers, "
+                f"{torch.get_num_threads()} CPU thread(s)")
             callbacks = callbacks_for(config, loaded.model, parent_meta=meta, extra={
                 "trainable": config.train.trainable, "parent_tensors": loaded.checkpoint.extra})
             callbacks += activation_callbacks(config.activations, seed=config.seed)
