@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags show no value placeholder, and help needs no rich import
 )
 
 ConfigOption = Annotated[
@@ -29,7 +30,8 @@ ConfigOption = Annotated[
 ]
 SetOption = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.01 (repeatable).", show_default=False),
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=0.01 (repeatable).",
+                 show_default=False),
 ]
 
 
@@ -69,7 +71,33 @@ def reports_errors(func):
 def load(config: Optional[Path], overrides: Optional[list[str]]):
     from sparsify.config import load_config
 
-    return load_config(config, overrides or [])
+    resolved = load_config(config, overrides or [])
+    source = defaults_source(config)
+    if source:
+        note(f"note: {source}; using the built-in defaults{' with the overrides given' if overrides else ''}: "
+             f"run {resolved.name!r} in {resolved.run_dir}")
+    return resolved
+
+
+def defaults_source(config: Optional[Path]) -> str:
+    """Why the run gets the built-in defaults ('no config given ...', '<path> is empty'), or ''."""
+    if config is None:
+        return "no config given (-c PATH)"
+    import yaml
+
+    try:
+        empty = yaml.safe_load(Path(config).read_text()) is None
+    except (OSError, yaml.YAMLError):  # load_config has read it already; nothing to add
+        return ""
+    return f"{config} is empty" if empty else ""
+
+
+def note(message: str) -> None:
+    """A remark on stderr (under torchrun, from rank 0 only)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message, err=True)
 
 
 def say(message: str) -> None:
@@ -117,6 +145,33 @@ def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]
     for assignment in overrides or []:
         argv += ["--set", assignment]
     launch(argv + extra, nproc=nproc)
+
+
+def print_version(value: bool) -> None:
+    """`--version`: this package's version and those of torch and torchvision (read without importing them)."""
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from sparsify import __version__
+
+    found = []
+    for package in ("torch", "torchvision"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} not installed")
+    typer.echo(f"sparsify {__version__} ({', '.join(found)}, python {platform.python_version()})")
+    raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=print_version,
+                                          help="Print the version (and torch's) and exit.")] = False,
+) -> None:
+    """Make trained CNNs sparse, round by round: download -> (prune -> train)* -> report."""
 
 
 @app.command()

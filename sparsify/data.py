@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sparsify.cifar import CIFAR_CLASSES, cifar_datasets
+from sparsify.cifar import CIFAR_CLASSES, check_cifar_files, cifar_datasets
 from sparsify.config import DataConfig
 from sparsify.errors import DataError
 
@@ -75,6 +75,27 @@ def dataset_info(cfg: DataConfig, *, num_classes: int | None = None) -> DatasetI
         train_dir, _ = imagefolder_dirs(cfg.root)
         return DatasetInfo(num_classes=len(class_folders(train_dir)), in_channels=3, input_size=224)
     raise DataError(f"unknown dataset {cfg.dataset!r}; use imagefolder, digits, fashion-mnist or fake")
+
+
+def check_data(cfg: DataConfig, *, num_classes: int | None) -> DatasetInfo:
+    """What `download` checks before it writes anything: the refusals of the train stage's loaders,
+    without loading the data.
+
+    The fashion-mnist files exist; the CIFAR files exist (unless data.download lets torchvision
+    fetch them); train/ and val/ of an ImageFolder tree have the same class folders and each holds
+    an image; model.num_classes is not below the dataset's class count.
+    """
+    info = dataset_info(cfg, num_classes=num_classes)
+    if cfg.dataset == "fashion-mnist":
+        for stem in FASHION_MNIST_FILES.values():
+            find_idx_file(Path(cfg.root or FASHION_MNIST_ROOT), stem)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        check_cifar_files(cfg.dataset, cfg.root, download=cfg.download)
+    elif cfg.dataset == "imagefolder":
+        check_imagefolder_images(cfg.root)
+    if cfg.dataset != "fake" and num_classes is not None:
+        check_num_classes(num_classes, info.num_classes, dataset=cfg.dataset)
+    return info
 
 
 def build_loaders(
@@ -412,6 +433,32 @@ def class_folders(folder: Path) -> list[str]:
     if not classes:
         raise DataError(f"{folder} has no class folders; {IMAGEFOLDER_LAYOUT}")
     return classes
+
+
+def check_imagefolder_images(root: str | None) -> None:
+    """train/ and val/ have the same class folders, and every one of them holds at least one image."""
+    import os
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    train_dir, val_dir = imagefolder_dirs(root)
+    train_classes, val_classes = class_folders(train_dir), class_folders(val_dir)
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(
+            f"train/ and val/ under {root} have different classes (only in train: {only_train[:5]}, "
+            f"only in val: {only_val[:5]}); give both the same class folders"
+        )
+    for folder in (train_dir, val_dir):
+        for name in train_classes:
+            images = (f for _, _, files in os.walk(folder / name, followlinks=True) for f in files
+                      if f.lower().endswith(IMG_EXTENSIONS))
+            if next(images, None) is None:
+                raise DataError(
+                    f"class folder {folder / name} holds no image ({', '.join(IMG_EXTENSIONS)}); "
+                    "put its images there or remove the folder from both train/ and val/"
+                )
 
 
 def imagefolder_transforms(
