@@ -90,8 +90,10 @@ def check_plain(state: dict, declared) -> tuple[list[dict], list[dict]]:
 def shape_reason(pattern, shape: tuple[int, ...]) -> str | None:
     """Why `pattern` does not apply to a weight of `shape` (read as an ungrouped conv or a Linear)."""
     cin, cout, taps = shape[1], shape[0], shape[2:]
-    with torch.device("meta"):
-        module = nn.Linear(cin, cout) if not taps else [nn.Conv1d, nn.Conv2d, nn.Conv3d][len(taps) - 1](cin, cout, taps)
+    from sparsify.models import build_for_shapes
+
+    module = build_for_shapes(lambda: nn.Linear(cin, cout) if not taps
+                              else [nn.Conv1d, nn.Conv2d, nn.Conv3d][len(taps) - 1](cin, cout, taps))
     return pattern.ineligible_reason(module, shape)
 
 

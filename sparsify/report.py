@@ -42,13 +42,13 @@ def locate(target: Path) -> tuple[Path, RunDir | None]:
 
 def build_report(target: Path) -> dict:
     """Everything `render` prints, as JSON-ready data."""
+    from sparsify.models import build_for_shapes
     from sparsify.pipeline import build_model_for
 
     path, run = locate(target)
     ckpt = load_checkpoint(path, expected_sha256=run.recorded_sha256(path) if run else None)
     meta = ckpt.meta
-    with torch.device("meta"):
-        model = build_model_for(meta)
+    model = build_for_shapes(lambda: build_model_for(meta))  # meta device, CPU where the builder needs values
     pattern = build_pattern(meta["pattern"])
     sparsity_cfg = meta.get("sparsity_config") or {}
     layers = find_layers(model, pattern, include_linear=sparsity_cfg.get("include_linear", False),
