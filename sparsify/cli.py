@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags show no value placeholder, and help needs no rich import
 )
 
 ConfigOption = Annotated[
@@ -29,7 +30,8 @@ ConfigOption = Annotated[
 ]
 SetOption = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.01 (repeatable).", show_default=False),
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=0.01 (repeatable).",
+                 show_default=False),
 ]
 
 
@@ -69,7 +71,33 @@ def reports_errors(func):
 def load(config: Optional[Path], overrides: Optional[list[str]]):
     from sparsify.config import load_config
 
-    return load_config(config, overrides or [])
+    resolved = load_config(config, overrides or [])
+    source = defaults_source(config)
+    if source:
+        note(f"note: {source}; using the built-in defaults{' with the overrides given' if overrides else ''}: "
+             f"run {resolved.name!r} in {resolved.run_dir}")
+    return resolved
+
+
+def defaults_source(config: Optional[Path]) -> str:
+    """Why the run gets the built-in defaults ('no config given ...', '<path> is empty'), or ''."""
+    if config is None:
+        return "no config given (-c PATH)"
+    import yaml
+
+    try:
+        empty = yaml.safe_load(Path(config).read_text()) is None
+    except (OSError, yaml.YAMLError):  # load_config has read it already; nothing to add
+        return ""
+    return f"{config} is empty" if empty else ""
+
+
+def note(message: str) -> None:
+    """A remark on stderr (under torchrun, from rank 0 only)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message, err=True)
 
 
 def say(message: str) -> None:
@@ -87,6 +115,27 @@ NprocOption = Annotated[
 ]
 
 
+ThreadsOption = Annotated[
+    Optional[str],
+    typer.Option("--threads", metavar="auto|N",
+                 help="CPU threads for torch: auto or N >= 1 (default: train.threads).", show_default=False),
+]
+
+
+def with_threads(overrides: Optional[list[str]], threads: Optional[str]) -> list[str]:
+    """`--threads N` as the override train.threads=N: validated with the config, recorded in config.yaml."""
+    return [*(overrides or []), *([f"train.threads={threads}"] if threads is not None else [])]
+
+
+def load_stage(config: Optional[Path], overrides: Optional[list[str]], threads: Optional[str]):
+    """The config (with --threads), and torch's CPU threads set from train.threads for this command."""
+    from sparsify.threads import apply_threads
+
+    resolved = load(config, with_threads(overrides, threads))
+    apply_threads(resolved.train.threads)
+    return resolved
+
+
 def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]], nproc: int, extra: list[str]) -> None:
     """Run this command again in `nproc` processes through torch.distributed's launcher."""
     from sparsify.training.distributed import launch
@@ -98,26 +147,54 @@ def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]
     launch(argv + extra, nproc=nproc)
 
 
+def print_version(value: bool) -> None:
+    """`--version`: this package's version and those of torch and torchvision (read without importing them)."""
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from sparsify import __version__
+
+    found = []
+    for package in ("torch", "torchvision"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} not installed")
+    typer.echo(f"sparsify {__version__} ({', '.join(found)}, python {platform.python_version()})")
+    raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=print_version,
+                                          help="Print the version (and torch's) and exit.")] = False,
+) -> None:
+    """Make trained CNNs sparse, round by round: download -> (prune -> train)* -> report."""
+
+
 @app.command()
 @reports_errors
 def download(
     config: ConfigOption = None,
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Delete the run's checkpoints and start again.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Build the model with its starting weights (downloaded if needed) as the round-0 checkpoint."""
     from sparsify.stages import pipeline
 
-    say(pipeline.download(load(config, set_), force=force).message)
+    say(pipeline.download(load_stage(config, set_, threads), force=force).message)
 
 
 @app.command()
 @reports_errors
-def prune(config: ConfigOption = None, set_: SetOption = None) -> None:
+def prune(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsOption = None) -> None:
     """Run one prune round on the latest checkpoint. Exits 3 once every layer is at its target."""
     from sparsify.stages import pipeline
 
-    say(pipeline.prune(load(config, set_)).message)
+    say(pipeline.prune(load_stage(config, set_, threads)).message)
 
 
 @app.command()
@@ -127,33 +204,36 @@ def train(
     set_: SetOption = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default: train.epochs).")] = None,
     nproc: NprocOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Finetune the latest checkpoint with its masks enforced, evaluate, save a new checkpoint."""
     from sparsify.stages import pipeline
 
     if nproc is not None:
-        return relaunch("train", config, set_, nproc, ["--epochs", str(epochs)] if epochs else [])
-    say(pipeline.train(load(config, set_), epochs=epochs).message)
+        return relaunch("train", config, with_threads(set_, threads), nproc,
+                        ["--epochs", str(epochs)] if epochs else [])
+    say(pipeline.train(load_stage(config, set_, threads), epochs=epochs).message)
 
 
 @app.command("eval")
 @reports_errors
-def eval_(config: ConfigOption = None, set_: SetOption = None) -> None:
+def eval_(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsOption = None) -> None:
     """Evaluate the latest checkpoint (top-1, top-5, loss) on the validation set."""
     from sparsify.stages import pipeline
 
-    say(pipeline.eval_latest(load(config, set_)).message)
+    say(pipeline.eval_latest(load_stage(config, set_, threads)).message)
 
 
 @app.command()
 @reports_errors
-def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption = None) -> None:
+def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption = None,
+        threads: ThreadsOption = None) -> None:
     """Run the whole schedule (dense epochs, prune+train rounds, final epochs); resumable."""
     from sparsify.stages import pipeline
 
     if nproc is not None:
-        return relaunch("run", config, set_, nproc, [])
-    results = pipeline.run_schedule(load(config, set_))
+        return relaunch("run", config, with_threads(set_, threads), nproc, [])
+    results = pipeline.run_schedule(load_stage(config, set_, threads))
     say(f"run finished: {len(results)} stage(s) this time; see `sparsify report`")
 
 

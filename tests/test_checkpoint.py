@@ -81,10 +81,13 @@ def test_masks_that_do_not_fit_or_drifted_weights_are_refused(tmp_path):
     save_checkpoint(tmp_path / "shape.safetensors", state, {"conv.weight": torch.ones(3, 2, dtype=torch.bool)}, meta)
     with pytest.raises(CheckpointError, match=r"needs a bool mask of shape \(2, 2\)"):
         load_checkpoint(tmp_path / "shape.safetensors")
-    state["conv.weight"][0, 15, 1, 1] = float("nan")
+    state["conv.weight"][0, 15, 1, 1] = 1e-30  # any nonzero inside a pruned group, however small
     save_checkpoint(tmp_path / "drift.safetensors", state, masks, meta)
     with pytest.raises(CheckpointError, match="nonzero weights inside pruned groups of conv.weight"):
         load_checkpoint(tmp_path / "drift.safetensors")
+    state["conv.weight"][0, 15, 1, 1] = float("nan")  # NaN is refused before it reaches a file
+    with pytest.raises(CheckpointError, match="refusing to write nan.safetensors: NaN or inf in model.conv.weight"):
+        save_checkpoint(tmp_path / "nan.safetensors", state, masks, meta)
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path):

@@ -18,6 +18,7 @@ from sparsify.data.datasets import (
     FASHION_MNIST_ROOT,
     build_loaders,
     dataset_info,
+    fake_datasets,
     read_idx,
 )
 from sparsify.errors import DataError
@@ -121,7 +122,65 @@ def test_fake_loaders_are_deterministic():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     x, y = concat(val_a)
     assert x.shape == (20, 3, 12, 12) and 0 <= y.min() and y.max() < 5
-    assert not torch.equal(concat(loaders("fake", seed=4, **kwargs)[1])[0], x)
+
+
+def test_fake_images_are_a_function_of_seed_split_and_index():
+    kwargs = dict(input_size=12, num_classes=5, in_channels=3, fake_samples=20, batch_size=8)
+    torch.manual_seed(1)
+    train_a, val_a = loaders("fake", seed=3, **kwargs)
+    torch.manual_seed(2)
+    torch.rand(7)  # another global RNG state, another loader seed: the images stay
+    train_b, val_b = loaders("fake", seed=11, **kwargs)
+    assert torch.equal(concat(val_a)[0], concat(val_b)[0]) and torch.equal(concat(val_a)[1], concat(val_b)[1])
+    for index in (19, 0, 7):  # any order of reads
+        for a, b in ((train_a.dataset, train_b.dataset), (val_a.dataset, val_b.dataset)):
+            assert torch.equal(a[index][0], b[index][0]) and a[index][1] == b[index][1]
+    assert torch.equal(val_a.dataset.labels, torch.stack([val_a.dataset[i][1] for i in range(20)]))
+    # the shuffled train loader gives the same images, in the order of its own seed
+    assert sorted(map(tuple, concat(train_a)[0].flatten(1).tolist())) == sorted(
+        map(tuple, concat(train_b)[0].flatten(1).tolist()))
+    # train and val are different images; another data seed, other images
+    assert not torch.equal(train_a.dataset[0][0], val_a.dataset[0][0])
+    other_train, other_val = fake_datasets(samples=20, input_size=12, num_classes=5, in_channels=3, seed=1)
+    assert not torch.equal(other_val[0][0], val_a.dataset[0][0])
+    assert torch.equal(fake_datasets(samples=20, input_size=12, num_classes=5, in_channels=3)[1][4][0],
+                       val_a.dataset[4][0])
+    # a larger split starts with the same images
+    longer = loaders("fake", seed=3, **{**kwargs, "fake_samples": 30})[1].dataset
+    assert torch.equal(longer[19][0], val_a.dataset[19][0])
+
+
+FAKE_RUN = """\
+name: fake
+seed: 0
+device: cpu
+model: {arch: tiny_resnet, num_classes: 4}
+data: {dataset: fake, fake_samples: 32, batch_size: 16}
+sparsity: {target: 0.5, step: 0.5}
+train: {lr: 0.01}
+"""
+
+
+def test_eval_after_train_reports_the_train_stage_accuracy(tmp_path, monkeypatch):
+    """Through the CLI: the train stage's val_acc1 is what `eval` measures on the same checkpoint."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparsify.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake.yaml").write_text(FAKE_RUN)
+    for args in (["download"], ["prune"], ["train", "--epochs", "1"], ["eval"]):
+        result = CliRunner().invoke(app, [*args, "-c", "fake.yaml"])
+        assert result.exit_code == 0, result.stderr
+    history = [json.loads(line) for line in (tmp_path / "runs/fake/history.jsonl").read_text().splitlines()]
+    trained, evaluated = history[-2], history[-1]
+    assert (trained["stage"], evaluated["stage"]) == ("trained", "eval")
+    assert evaluated["checkpoint"] == Path(trained["checkpoint"]).name
+    for key in ("val_acc1", "val_acc5", "val_loss"):
+        assert evaluated["metrics"][key] == pytest.approx(trained["metrics"][key], abs=1e-4), key
+    assert evaluated["metrics"]["val_acc1"] == trained["metrics"]["val_acc1"]
 
 
 def test_workers_keep_the_order():

@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "sparsify"
 
 LAYERS = [
-    ["__init__", "errors", "registry", "console"],  # version; exceptions; the registries; progress lines
+    ["__init__", "errors", "registry", "console", "threads"],  # version; exceptions; registries; progress; CPU threads
     ["config"],  # the YAML schema (pydantic, no torch); names are checked against the registries
     ["core"],  # patterns, criteria, masks, prune: tensors in, masks out; no I/O
     ["data"],  # datasets, transforms presets, samplers

@@ -73,6 +73,19 @@ def open_cifar(name: str, root: str, *, train: bool, download: bool, verify_chec
                         "replace them with torchvision's CIFAR python batches") from None
 
 
+def check_cifar_files(name: str, root: str | None, *, download: bool) -> None:
+    """The python batches of `name` are under root (nothing to check when torchvision may download them)."""
+    if download:
+        return
+    cls = cifar_class(name, verify_checksums=False)
+    folder = Path(root or CIFAR_ROOT) / cls.base_folder
+    files = [file for file, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    missing = [file for file in files if not (folder / file).is_file()]
+    if missing:
+        raise DataError(f"{name} files under {folder} are missing ({', '.join(missing)}); put torchvision's "
+                        "CIFAR python batches there, or set data.download: true")
+
+
 def cifar_datasets(name: str, root: str | None, *, input_size: int, in_channels: int,
                    download: bool, verify_checksums: bool):
     """Train (augmented) and val (the test batch) datasets of cifar10 or cifar100."""

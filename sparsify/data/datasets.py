@@ -6,6 +6,7 @@ Small datasets live in memory as tensors; only ImageFolder decodes images on the
 from __future__ import annotations
 
 import gzip
+import hashlib
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sparsify.data.cifar import CIFAR_CLASSES, cifar_datasets
+from sparsify.data.cifar import CIFAR_CLASSES, check_cifar_files, cifar_datasets
 from sparsify.config import DataConfig
 from sparsify.errors import DataError
 
@@ -77,6 +78,27 @@ def dataset_info(cfg: DataConfig, *, num_classes: int | None = None) -> DatasetI
     raise DataError(f"unknown dataset {cfg.dataset!r}; use imagefolder, digits, fashion-mnist or fake")
 
 
+def check_data(cfg: DataConfig, *, num_classes: int | None) -> DatasetInfo:
+    """What `download` checks before it writes anything: the refusals of the train stage's loaders,
+    without loading the data.
+
+    The fashion-mnist files exist; the CIFAR files exist (unless data.download lets torchvision
+    fetch them); train/ and val/ of an ImageFolder tree have the same class folders and each holds
+    an image; model.num_classes is not below the dataset's class count.
+    """
+    info = dataset_info(cfg, num_classes=num_classes)
+    if cfg.dataset == "fashion-mnist":
+        for stem in FASHION_MNIST_FILES.values():
+            find_idx_file(Path(cfg.root or FASHION_MNIST_ROOT), stem)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        check_cifar_files(cfg.dataset, cfg.root, download=cfg.download)
+    elif cfg.dataset == "imagefolder":
+        check_imagefolder_images(cfg.root)
+    if cfg.dataset != "fake" and num_classes is not None:
+        check_num_classes(num_classes, info.num_classes, dataset=cfg.dataset)
+    return info
+
+
 def build_loaders(
     cfg: DataConfig,
     *,
@@ -96,12 +118,12 @@ def build_loaders(
     """
     check_augment_options(cfg)
     if cfg.dataset == "fake":
+        # the images do not follow `seed` (it changes from stage to stage): see FakeImages
         train, val = fake_datasets(
             samples=cfg.fake_samples,
             input_size=input_size,
             num_classes=num_classes,
             in_channels=in_channels,
-            seed=seed,
         )
     elif cfg.dataset == "digits":
         check_in_channels(in_channels, dataset="digits")
@@ -414,6 +436,32 @@ def class_folders(folder: Path) -> list[str]:
     return classes
 
 
+def check_imagefolder_images(root: str | None) -> None:
+    """train/ and val/ have the same class folders, and every one of them holds at least one image."""
+    import os
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    train_dir, val_dir = imagefolder_dirs(root)
+    train_classes, val_classes = class_folders(train_dir), class_folders(val_dir)
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(
+            f"train/ and val/ under {root} have different classes (only in train: {only_train[:5]}, "
+            f"only in val: {only_val[:5]}); give both the same class folders"
+        )
+    for folder in (train_dir, val_dir):
+        for name in train_classes:
+            images = (f for _, _, files in os.walk(folder / name, followlinks=True) for f in files
+                      if f.lower().endswith(IMG_EXTENSIONS))
+            if next(images, None) is None:
+                raise DataError(
+                    f"class folder {folder / name} holds no image ({', '.join(IMG_EXTENSIONS)}); "
+                    "put its images there or remove the folder from both train/ and val/"
+                )
+
+
 def imagefolder_transforms(
     preset: ImagePreset,
     *,
@@ -520,16 +568,54 @@ def imagefolder_datasets(cfg: DataConfig, *, preset: ImagePreset, in_channels: i
 # ----------------------------------------------------------------------------- fake
 
 
+FAKE_DATA_SEED = 0  # fixed, like DIGITS_SPLIT_SEED: every stage of every run sees the same fake images
+FAKE_SPLITS = ("train", "val")
+
+
+def fake_item_seed(seed: int, split: str, index: int) -> int:
+    """The generator seed of one fake image: a hash of (seed, split, index), 63 bits."""
+    digest = hashlib.blake2b(f"sparsify-fake:{seed}:{split}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class FakeImages(Dataset):
+    """Random normal images with uniform labels; item i is a pure function of (seed, split, i).
+
+    Neither the global RNG, the loader's seed, the order of reads nor worker processes change an
+    item, so a checkpoint evaluated by `eval` sees the images its train stage saw.
+    """
+
+    def __init__(self, *, samples: int, split: str, seed: int, input_size: int, num_classes: int,
+                 in_channels: int) -> None:
+        if split not in FAKE_SPLITS:
+            raise DataError(f"unknown fake split {split!r}; use train or val")
+        self.split, self.seed = split, seed
+        self.shape = (in_channels, input_size, input_size)
+        self.num_classes = num_classes
+        self.labels = torch.tensor([int(self._draw(index)[1]) for index in range(samples)], dtype=torch.int64)
+
+    def _draw(self, index: int, *, image: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        generator = torch.Generator().manual_seed(fake_item_seed(self.seed, self.split, index))
+        label = torch.randint(self.num_classes, (), generator=generator)
+        return (torch.randn(self.shape, generator=generator) if image else None), label
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(index)
+        if not 0 <= index < len(self.labels):
+            raise IndexError(f"fake {self.split} index {index} out of range 0..{len(self.labels) - 1}")
+        image, label = self._draw(index, image=True)
+        return image, label
+
+
 def fake_datasets(
-    *, samples: int, input_size: int, num_classes: int, in_channels: int, seed: int
-) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-    """Random normal images and uniform labels, the same for the same seed."""
-    generator = torch.Generator().manual_seed(seed)
-    splits = []
-    for _ in range(2):
-        images = torch.randn(samples, in_channels, input_size, input_size, generator=generator)
-        labels = torch.randint(num_classes, (samples,), generator=generator)
-        splits.append(
-            ImageTensorDataset(images, labels, input_size=input_size, in_channels=in_channels)
-        )
-    return splits[0], splits[1]
+    *, samples: int, input_size: int, num_classes: int, in_channels: int, seed: int = FAKE_DATA_SEED
+) -> tuple[FakeImages, FakeImages]:
+    """Train and val splits of `samples` fake images each; the same (seed, split, index), the same item."""
+    return tuple(
+        FakeImages(samples=samples, split=split, seed=seed, input_size=input_size, num_classes=num_classes,
+                   in_channels=in_channels)
+        for split in FAKE_SPLITS
+    )

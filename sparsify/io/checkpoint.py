@@ -58,6 +58,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
+def new_file_mode() -> int:
+    """The mode a new file gets from `open()`: 0o666 less the process umask (safetensors' writer gives 0600)."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read the umask without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so a crash leaves either the old file or the new one."""
     path = Path(path)
@@ -67,6 +81,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -126,6 +141,7 @@ def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict, extra: dic
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         hasher.join()
+        os.chmod(tmp, new_file_mode())  # like every other file of the run, not safetensors' 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -78,9 +78,18 @@ def onnx_bytes(ckpt) -> bytes:
     meta = ckpt.meta
     model = rebuild(ckpt).model.eval()
     size = meta.get("input_size") or 224
-    example = torch.zeros(1, meta["in_channels"], size, size)
-    program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    # a batch of 2: torch.export specialises a dimension whose example size is 1; with a batch of 1,
+    # a model that pools a permuted map (convnext: Linear layers over NHWC, then AdaptiveAvgPool2d)
+    # failed the dynamic batch with "Invalid ranges [2:1]"
+    example = torch.zeros(2, meta["in_channels"], size, size)
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # torch.export's and the ONNX translator's errors span pages
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        cause = next((line for line in lines if line.startswith("<class '")), lines[0] if lines else type(exc).__name__)
+        raise SparsifyError(f"torch.onnx cannot export {meta['arch']} ({cause[:200]}); "
+                            "export --format safetensors or pth instead") from None
     buffer = io.BytesIO()
     program.save(buffer)
     return buffer.getvalue()

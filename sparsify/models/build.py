@@ -234,9 +234,74 @@ def build_torchvision(arch: str, *, num_classes: int, weights=None) -> nn.Module
     """Build a randomly initialised torchvision model laid out like `weights` (if given)."""
     import torchvision
 
-    return torchvision.models.get_model(
-        arch, weights=None, num_classes=num_classes, **torchvision_kwargs(arch, weights)
-    )
+    kwargs = torchvision_kwargs(arch, weights)
+    if arch in MNASNET_ALPHAS:  # what torchvision's mnasnet builders do, with a class that loads safetensors
+        return mnasnet_class()(MNASNET_ALPHAS[arch], num_classes=num_classes, **kwargs)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+# torchvision's MNASNet needs the `version` of its state dict's `_metadata` to load; safetensors
+# files carry no `_metadata`, so the checkpoints of every stage would be refused.
+MNASNET_ALPHAS = {"mnasnet0_5": 0.5, "mnasnet0_75": 0.75, "mnasnet1_0": 1.0, "mnasnet1_3": 1.3}
+MNASNET_V1_STEM_CHANNELS = 32  # version 1 (before torchvision 0.4) had a 32-channel stem for every alpha
+
+
+def mnasnet_state_version(model: nn.Module, state: dict, prefix: str) -> int:
+    """The MNASNet layout `state` was saved from, for a state dict that does not record it.
+
+    Version 2 (the layout torchvision builds today, the one sparsify saves) unless the stem has
+    version 1's 32 channels where this alpha's version 2 has others.
+    """
+    stem = state.get(f"{prefix}layers.0.weight")
+    own = model.layers[0].weight
+    if stem is not None and stem.shape[0] == MNASNET_V1_STEM_CHANNELS != own.shape[0]:
+        return 1
+    return 2
+
+
+_MNASNET_CLASS = None
+
+
+def mnasnet_class() -> type:
+    """torchvision's MNASNet, loading state dicts without `_metadata` as the layout they hold."""
+    global _MNASNET_CLASS
+    if _MNASNET_CLASS is None:
+        from torchvision.models import MNASNet
+
+        class SafetensorsMNASNet(MNASNet):
+            """MNASNet that reads its layout version from the tensors when the state dict has no
+            `_metadata` (a safetensors file, or a dict rebuilt from one): torchvision's own
+            `_load_from_state_dict` refuses such a state."""
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+                if local_metadata.get("version") is None:
+                    version = mnasnet_state_version(self, state_dict, prefix)
+                    local_metadata = {**local_metadata, "version": version}
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+        SafetensorsMNASNet.__qualname__ = "SafetensorsMNASNet"  # pickles as sparsify.models.SafetensorsMNASNet
+        _MNASNET_CLASS = SafetensorsMNASNet
+    return _MNASNET_CLASS
+
+
+def __getattr__(name: str):
+    """`SafetensorsMNASNet` on first use (torchvision is imported only when a model needs it)."""
+    if name == "SafetensorsMNASNet":
+        return mnasnet_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_for_shapes(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` for its structure and shapes only: on the meta device (no memory, no initialisation).
+
+    Some builders need real tensor values (torchvision's RegNet computes its stage widths with
+    tensors and `.tolist()`, which meta tensors cannot answer); those are built on the CPU instead.
+    """
+    try:
+        with torch.device("meta"):
+            return build()
+    except (NotImplementedError, RuntimeError):
+        return build()
 
 
 def resolve_weights(arch: str, name: str):

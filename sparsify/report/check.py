@@ -26,8 +26,9 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
     if not path.is_file():
         raise SparsifyError(f"{path} does not exist; pass a checkpoint or a state dict file")
     state, masks, meta = read_tensors(path)
-    if pattern is None and not masks:
-        raise SparsifyError(f"{path} has no masks to check against; pass --pattern (e.g. 2:4, 8x8, unstructured)")
+    if pattern is None and not meta.get("pattern"):
+        raise SparsifyError(f"{path} is a plain state dict with no pattern to check against; "
+                            "pass --pattern (e.g. 2:4, 8x8, unstructured)")
     spec = parse_pattern(pattern) if pattern else meta["pattern"]
     declared = build_pattern(spec)
     if masks:
@@ -35,9 +36,11 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
         layers = [check_masked(name, state[name], masks[name], stored, declared, meta.get("target"))
                   for name in masks]
         skipped = [{"parameter": n, "reason": "no mask (not pruned)"} for n in weight_names(state) if n not in masks]
-    else:
+    else:  # a plain state dict, or a checkpoint not pruned yet (its metadata names the pattern): by shape
         layers, skipped = check_plain(state, declared)
-    return verdict(path, spec, layers, skipped, kind="checkpoint" if masks else "state dict")
+    result = verdict(path, spec, layers, skipped, kind="checkpoint" if meta else "state dict")
+    result["pruned"] = bool(masks)
+    return result
 
 
 def read_tensors(path: Path) -> tuple[dict, dict, dict]:
@@ -87,8 +90,10 @@ def check_plain(state: dict, declared) -> tuple[list[dict], list[dict]]:
 def shape_reason(pattern, shape: tuple[int, ...]) -> str | None:
     """Why `pattern` does not apply to a weight of `shape` (read as an ungrouped conv or a Linear)."""
     cin, cout, taps = shape[1], shape[0], shape[2:]
-    with torch.device("meta"):
-        module = nn.Linear(cin, cout) if not taps else [nn.Conv1d, nn.Conv2d, nn.Conv3d][len(taps) - 1](cin, cout, taps)
+    from sparsify.models.build import build_for_shapes
+
+    module = build_for_shapes(lambda: nn.Linear(cin, cout) if not taps
+                              else [nn.Conv1d, nn.Conv2d, nn.Conv3d][len(taps) - 1](cin, cout, taps))
     return pattern.ineligible_reason(module, shape)
 
 
@@ -126,7 +131,9 @@ def render(result: dict, fmt: str) -> str:
     """Text (one line per layer, then the verdict) or JSON."""
     if fmt == "json":
         return json.dumps(result, indent=2)
-    lines = [f"{result['file']} ({result['kind']}), pattern {result['pattern']}:"]
+    kind = result["kind"] + (", no layer pruned yet: checked by shape" if result["kind"] == "checkpoint"
+                             and not result.get("pruned", True) else "")
+    lines = [f"{result['file']} ({kind}), pattern {result['pattern']}:"]
     for layer in result["layers"]:
         state = "ok" if layer["follows"] else "VIOLATES: " + "; ".join(layer["problems"])
         lines.append(f"  {layer['parameter']} [{layer['shape']}] sparsity {100 * layer['sparsity']:.2f}%"

@@ -8,6 +8,7 @@ finished stage.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from datetime import datetime, timezone
@@ -114,7 +115,7 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
         "sparsity_config": config.sparsity.model_dump(mode="json"),
         "parent": parent.path.name if parent else None, "parent_sha256": parent.sha256 if parent else None,
         "config_hash": config_hash(config), "metrics": metrics, "versions": versions(),
-        "created": now(),
+        "created": now(), "threads": torch.get_num_threads(),
         "prune_log": base.get("prune_log", []) if base.get("round") == round_ else [],
     }
     if base.get("regroup") and base.get("round") == round_:
@@ -171,6 +172,7 @@ def check_same_run(config: RunConfig, meta: dict) -> None:
 
 def download(config: RunConfig, *, force: bool = False) -> StageResult:
     """Round 0: build the model with its starting weights and save it."""
+    from sparsify.data.datasets import check_data
     from sparsify.models.build import build_model
 
     run = RunDir(config.run_dir)
@@ -178,6 +180,7 @@ def download(config: RunConfig, *, force: bool = False) -> StageResult:
         raise SparsifyError(f"run folder {run.root} already has checkpoints; pass --force to start it again "
                             f"(the old checkpoints are deleted) or choose another name:")
     started = time.perf_counter()
+    check_data(config.data, num_classes=config.model.num_classes)  # what train would refuse, before anything is written
     shapes = resolve_shapes(config)
     torch.manual_seed(config.seed)  # random initial weights (and new heads) repeat with the seed
     model = build_model(config.model.arch, num_classes=shapes["num_classes"], in_channels=shapes["in_channels"],
@@ -187,10 +190,10 @@ def download(config: RunConfig, *, force: bool = False) -> StageResult:
             for path in run.checkpoints():
                 path.unlink()
             run.history_path.unlink(missing_ok=True)
-        save_resolved_config(run, config)
         result = write_stage(run, config, command="download", parent=None, model=model, masks={},
                              round_=0, stage="pretrained", metrics={}, started=started,
                              extra_meta={**shapes, "arch": config.model.arch, "weights": config.model.weights})
+        save_resolved_config(run, config)
     result.message = f"round 0: {config.model.arch} saved to {result.checkpoint}"
     return result
 
@@ -240,13 +243,13 @@ def prune(config: RunConfig) -> StageResult:
         if s.rewind is not None:  # kept weights back to the rewind point (BatchNorm state included)
             rewind_model_(loaded.model, rewind_state(run, s.rewind), new_masks, pattern)
         MaskEnforcer(loaded.model, new_masks, pattern).apply_()
-        save_resolved_config(run, config)
         round_ = meta["round"] + 1
         layer_log = [[e.name, e.groups, e.zeros_before, e.zeros_after, e.target_zeros, e.note] for e in entries]
         result = write_stage(run, config, command="prune", parent=loaded.checkpoint, model=loaded.model,
                              masks=new_masks, round_=round_, stage="pruned", metrics={}, started=started,
                              extra_meta={"pattern": pattern.spec(), "prune_log": layer_log, **regroup_meta,
                                          **permute_meta})
+        save_resolved_config(run, config)
     blocked = [e for e in entries if e.note]
     result.message = (f"round {round_}: zeroed {zeroed} groups in {sum(e.zeros_after > e.zeros_before for e in entries)}"
                       f"/{len(entries)} layers; sparsity {result.sparsity:.2%} of eligible weights"
@@ -303,23 +306,67 @@ def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained
             check_same_run(config, meta)
             n_epochs = epochs or config.train.epochs
             log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}"
-                f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked layers")
+                f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked layers, "
+                f"{torch.get_num_threads()} CPU thread(s)")
             callbacks = callbacks_for(config, loaded.model, parent_meta=meta, extra={
                 "trainable": config.train.trainable, "parent_tensors": loaded.checkpoint.extra})
             callbacks += activation_callbacks(config.activations, seed=config.seed)
             callbacks += rewind_callbacks(config, run, loaded.checkpoint)  # rewind: {epoch: E} saves in round 0
             make_loaders = partial(checkpoint_loaders, config, meta, pin_memory=device.type == "cuda",
                                    rank=info.rank, world_size=info.world_size)
-            done = finetune(config, run, loaded, make_loaders=make_loaders, epochs=n_epochs, device=device,
-                            info=info, log=log, callbacks=callbacks)
-            metrics = {k: round(v, 4) for k, v in done.metrics.items()}
-            metrics["epochs"] = n_epochs
-            result = run_on_main(write_trained, run, config, command=command, parent=loaded.checkpoint,
-                                 done=done, metrics=metrics, stage=stage, started=started,
-                                 extra_meta=stage_meta(callbacks), extra_tensors=stage_tensors(callbacks))
+            with forgets_rows_if_failed(run, loaded.checkpoint, main=info.is_main):
+                done = finetune(config, run, loaded, make_loaders=make_loaders, epochs=n_epochs, device=device,
+                                info=info, log=log, callbacks=callbacks)
+                metrics = {k: round(v, 4) for k, v in done.metrics.items()}
+                metrics["epochs"] = n_epochs
+                result = run_on_main(write_trained, run, config, command=command, parent=loaded.checkpoint,
+                                     done=done, metrics=metrics, stage=stage, started=started,
+                                     extra_meta=stage_meta(callbacks), extra_tensors=stage_tensors(callbacks))
     result.message = (f"round {result.round} {stage}: val top-1 {metrics['val_acc1']:.2f}%, "
                       f"top-5 {metrics['val_acc5']:.2f}%, sparsity {result.sparsity:.2%}")
     return result
+
+
+@contextmanager
+def forgets_rows_if_failed(run: RunDir, start: Checkpoint, *, main: bool):
+    """A train stage that fails leaves metrics.csv as it found it, but for the rows a train-state covers.
+
+    The next attempt starts the stage again (or resumes it from the train-state, whose rows stay);
+    a file the failed stage created and left without rows is removed.
+    """
+    from sparsify.training.stage import METRICS_CSV
+
+    csv_path = run.root / METRICS_CSV
+    existed = csv_path.is_file()
+    try:
+        yield
+    except BaseException:
+        if main and csv_path.is_file():
+            from sparsify.training.log import drop_rows_after, read_rows
+
+            drop_rows_after(csv_path, start=start.path.name, step=resumable_step(run, start))
+            if not existed and not read_rows(csv_path):
+                csv_path.unlink()
+        raise
+
+
+def resumable_step(run: RunDir, start: Checkpoint) -> int:
+    """The step of the train-state a rerun of the stage from `start` may resume from (0: none)."""
+    import json
+
+    from sparsify.io.checkpoint import read_metadata
+    from sparsify.training.stage import TRAIN_STATE
+
+    path = run.root / TRAIN_STATE
+    if not path.is_file():
+        return 0
+    try:
+        meta = {key: json.loads(value) for key, value in read_metadata(path).items()}
+    except Exception:  # a damaged train-state resumes nothing
+        return 0
+    if (meta.get("start_checkpoint"), meta.get("start_sha256")) != (start.path.name, start.sha256):
+        return 0
+    return int(meta.get("step") or 0)
 
 
 def write_trained(run: RunDir, config: RunConfig, *, command: str, parent: Checkpoint, done, metrics: dict,
@@ -328,10 +375,10 @@ def write_trained(run: RunDir, config: RunConfig, *, command: str, parent: Check
     """Rank 0: the trained checkpoint (with the masks training ended with), then drop the train-state."""
     from sparsify.training.stage import TRAIN_STATE
 
-    save_resolved_config(run, config)
     result = write_stage(run, config, command=command, parent=parent, model=done.model, masks=done.masks,
                          round_=parent.meta["round"], stage=stage, metrics=metrics, started=started,
                          extra_meta=extra_meta, extra_tensors=extra_tensors)
+    save_resolved_config(run, config)  # only a stage that succeeded changes the run's config.yaml
     (run.root / TRAIN_STATE).unlink(missing_ok=True)
     return result
 

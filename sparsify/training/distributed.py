@@ -67,8 +67,8 @@ def resolve_device(name: str) -> torch.device:
 def pick_device(name: str, info: DistInfo) -> torch.device:
     """The device of this rank: cuda:LOCAL_RANK under torchrun on GPUs, else the configured one."""
     device = resolve_device(name)
-    if device.type == "cuda" and info.active and device.index is None:
-        device = torch.device("cuda", info.local_rank)
+    if device.type == "cuda" and device.index is None:  # set_device needs an index: this rank's GPU
+        device = torch.device("cuda", info.local_rank if info.active else torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
