@@ -1,12 +1,12 @@
 """Registries: one name -> implementation table per extension point, filled by decorators.
 
-Every extension point (patterns, criteria, methods, models, exporters, datasets) has its
-registry here, at the bottom of the package, so any layer can look names up. Entries are
-registered by the modules that define them: the built-in modules listed in BUILTINS, the
-modules named in a config's `plugins:`, and the entry points of installed distributions
-(group `sparsify.<kind>s`, e.g. `sparsify.patterns`). A registry imports its built-in modules
-and entry points the first time it is asked for a name, so looking up a method does not
-import the models.
+Every extension point (patterns, criteria, methods, models, exporters) has its registry here,
+at the bottom of the package, so any layer can look names up. Entries are registered by the
+modules that define them: the built-in modules listed in BUILTINS, the modules named in a
+config's `plugins:`, and the entry points of installed distributions (groups
+`sparsify.patterns`, `sparsify.criteria`, `sparsify.methods`, `sparsify.models`,
+`sparsify.exporters`). A registry imports its built-in modules and entry points the first time
+it is asked for a name, so looking up a method does not import the models.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ BUILTINS: dict[str, tuple[str, ...]] = {  # modules that register the built-in e
 class Registry(Generic[T]):
     """Maps names to implementations; `get` fails with the list of valid names."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, group: str | None = None) -> None:
         self.kind = kind
+        self.group = group or f"sparsify.{kind}s"  # entry point group of installed plugins
         self._items: dict[str, T] = {}
         self._loaded = False
 
@@ -55,12 +56,12 @@ class Registry(Generic[T]):
         self._loaded = True
         for module in BUILTINS.get(self.kind, ()):
             importlib.import_module(module)
-        for point in entry_points(group=f"sparsify.{self.kind}s"):
+        for point in entry_points(group=self.group):
             try:
                 point.load()
             except Exception as exc:  # a broken third-party distribution must not hide the others
                 raise SparsifyError(f"the installed plugin {point.value!r} (entry point {point.name!r} of "
-                                    f"sparsify.{self.kind}s) failed to load: {exc}; fix or uninstall it") from None
+                                    f"{self.group}) failed to load: {exc}; fix or uninstall it") from None
 
     def get(self, name: str) -> T:
         self.load()
@@ -85,7 +86,7 @@ class Registry(Generic[T]):
 
 
 PATTERNS: Registry[type] = Registry("pattern")
-CRITERIA: Registry[type] = Registry("criterion")
+CRITERIA: Registry[type] = Registry("criterion", group="sparsify.criteria")
 METHODS: Registry[type] = Registry("method")
 MODELS: Registry[Callable] = Registry("model")
 EXPORTERS: Registry[type] = Registry("exporter")

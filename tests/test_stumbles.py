@@ -157,7 +157,7 @@ def test_a_failing_train_leaves_config_and_metrics_as_they_were(workdir, monkeyp
         raise SparsifyError("evaluation failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr("sparsify.trainstage.evaluate", failing_evaluate)
+        patch.setattr("sparsify.training.stage.evaluate", failing_evaluate)
         code, _, err = invoke("train", "-c", "tiny.yaml", "--set", "train.lr=0.02")
     assert code == 1 and "evaluation failed" in err
     assert (run_dir(workdir) / "config.yaml").read_bytes() == config_before
@@ -166,7 +166,7 @@ def test_a_failing_train_leaves_config_and_metrics_as_they_were(workdir, monkeyp
     rows_before = (run_dir(workdir) / "metrics.csv").read_text()
     assert rows_before.count("\n") == 3  # header + 2 steps
     with monkeypatch.context() as patch:
-        patch.setattr("sparsify.trainstage.evaluate", failing_evaluate)
+        patch.setattr("sparsify.training.stage.evaluate", failing_evaluate)
         code, _, _ = invoke("train", "-c", "tiny.yaml", "--set", "train.lr=0.02")
     assert code == 1
     assert (run_dir(workdir) / "metrics.csv").read_text() == rows_before

@@ -318,6 +318,8 @@ def round_curves(run: RunDir) -> list[dict]:
 
     rows: dict[int, dict] = {}
     for row in read_rows(run.root / "metrics.csv"):
+        if not row.get("loss"):  # fp16 skipped every step of that row's window: no loss to show
+            continue
         entry = rows.setdefault(int(row["round"]), {"round": int(row["round"]), "epochs": 0,
                                                    "first_loss": float(row["loss"]), "val_acc1": None})
         entry["last_loss"] = float(row["loss"])
