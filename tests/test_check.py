@@ -105,6 +105,9 @@ def test_plain_state_dicts_are_checked_by_shape(tmp_path):
     save_file(state, str(good))
     result = check_file(good, pattern="2:4")
     assert result["follows"] and result["kind"] == "state dict"
+    hub_style = tmp_path / "hub.safetensors"  # other tools write {"format": "pt"}: still a plain state dict
+    save_file(state, str(hub_style), metadata={"format": "pt"})
+    assert check_file(hub_style, pattern="2:4")["kind"] == "state dict"
     assert [layer["parameter"] for layer in result["layers"]] == ["conv.weight", "fc.weight"]
     assert [s["parameter"] for s in result["skipped"]] == ["stem.weight"]
     state["conv.weight"][3, 4:8, 1, 1] = torch.tensor([1.0, 2.0, 3.0, 0.0])  # 3 nonzeros in one group

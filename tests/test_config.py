@@ -75,11 +75,18 @@ def config_keys(model, prefix=""):
     """Every key path of the config models, e.g. `train.lr`, `sparsity.permute.enabled`."""
     from pydantic import BaseModel
 
+    import typing
+
+    from sparsify.registry import PATTERNS
+
     for name, field in model.model_fields.items():
         yield prefix + name
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from config_keys(annotation, prefix + name + ".")
+        sections = [a for a in (field.annotation, *typing.get_args(field.annotation))  # Optional[X] too
+                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        if prefix + name == "sparsity.pattern":  # validated by the registered pattern's Options
+            sections = [PATTERNS.get(kind).Options for kind in ("block", "nm", "unstructured")]
+        for section in sections:
+            yield from config_keys(section, prefix + name + ".")
 
 
 def test_every_config_key_is_documented_in_the_readme():

@@ -165,6 +165,14 @@ def read_metadata(path: Path) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
+def is_sparsify_metadata(raw: dict[str, str]) -> bool:
+    """True for our checkpoints (a JSON integer `format`, any version); False for e.g. {"format": "pt"}."""
+    try:
+        return isinstance(json.loads(raw.get("format", "")), int)
+    except ValueError:
+        return False
+
+
 def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     try:
         meta = {key: json.loads(value) for key, value in raw.items()}

@@ -60,7 +60,7 @@ def build_report(target: Path) -> dict:
         "layers": rows,
         "summary": summarize(model, ckpt.state, ckpt.masks, rows, pattern=pattern),
         **dst_breakdown(meta, ckpt.state, ckpt.masks, pattern, order=[layer.name for layer in layers]),
-        "constraints": [{"parameter": e[0], "note": e[5]} for e in meta.get("prune_log", []) if e[5]],
+        "constraints": [{"parameter": e["name"], "note": e["note"]} for e in prune_log(meta) if e["note"]],
         "regroup": regroup_rows(meta),
         "history": [history_row(e) for e in run.history()] if run else [],
         "rounds": round_curves(run) if run else [],
@@ -91,7 +91,7 @@ def regroup_rows(meta: dict) -> list[dict]:
 
 
 def layer_row(layer, weight: torch.Tensor, mask: torch.Tensor | None, meta: dict) -> dict:
-    changes = {e[0]: e for e in meta.get("prune_log", [])}
+    changes = {e["name"]: e for e in prune_log(meta)}
     zeros = int((weight == 0).sum())
     row = {
         "parameter": layer.name, "shape": "x".join(map(str, layer.shape)),
@@ -103,9 +103,17 @@ def layer_row(layer, weight: torch.Tensor, mask: torch.Tensor | None, meta: dict
         "eligible": "yes" if layer.reason is None else f"no: {layer.reason}",
     }
     if layer.name in changes:
-        _, groups, before, after, _, _ = changes[layer.name]
-        row["change"] = round((after - before) / groups, 6)
+        change = changes[layer.name]
+        row["change"] = round((change["zeros_after"] - change["zeros_before"]) / change["groups"], 6)
     return row
+
+
+PRUNE_LOG_FIELDS = ("name", "groups", "zeros_before", "zeros_after", "target_zeros", "note")
+
+
+def prune_log(meta: dict) -> list[dict]:
+    """The round's per-layer prune records as dicts (checkpoints before named fields stored lists)."""
+    return [dict(zip(PRUNE_LOG_FIELDS, e)) if isinstance(e, list) else e for e in meta.get("prune_log", [])]
 
 
 def summarize(model, state: dict, masks: dict, rows: list[dict], *, pattern) -> dict:

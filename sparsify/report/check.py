@@ -45,10 +45,10 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
 
 def read_tensors(path: Path) -> tuple[dict, dict, dict]:
     """(state, masks, metadata) of a sparsify checkpoint; (state, {}, {}) of a plain state dict."""
-    from sparsify.io.checkpoint import parse_checkpoint, read_metadata
+    from sparsify.io.checkpoint import is_sparsify_metadata, parse_checkpoint, read_metadata
     from sparsify.models.build import read_weights_file
 
-    if path.suffix == ".safetensors" and "format" in read_metadata(path):
+    if path.suffix == ".safetensors" and is_sparsify_metadata(read_metadata(path)):
         ckpt = parse_checkpoint(path)
         return ckpt.state, ckpt.masks, ckpt.meta
     return read_weights_file(path), {}, {}

@@ -7,6 +7,7 @@ finished stage.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -244,7 +245,7 @@ def prune(config: RunConfig) -> StageResult:
             rewind_model_(loaded.model, rewind_state(run, s.rewind), new_masks, pattern)
         MaskEnforcer(loaded.model, new_masks, pattern).apply_()
         round_ = meta["round"] + 1
-        layer_log = [[e.name, e.groups, e.zeros_before, e.zeros_after, e.target_zeros, e.note] for e in entries]
+        layer_log = [dataclasses.asdict(e) for e in entries]  # name, groups, zeros_before/after, target_zeros, note
         result = write_stage(run, config, command="prune", parent=loaded.checkpoint, model=loaded.model,
                              masks=new_masks, round_=round_, stage="pruned", metrics={}, started=started,
                              extra_meta={"pattern": pattern.spec(), "prune_log": layer_log, **regroup_meta,
