@@ -183,18 +183,18 @@ def download(
     threads: ThreadsOption = None,
 ) -> None:
     """Build the model with its starting weights (downloaded if needed) as the round-0 checkpoint."""
-    from sparsify.stages import pipeline
+    from sparsify import stages
 
-    say(pipeline.download(load_stage(config, set_, threads), force=force).message)
+    say(stages.download(load_stage(config, set_, threads), force=force).message)
 
 
 @app.command()
 @reports_errors
 def prune(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsOption = None) -> None:
     """Run one prune round on the latest checkpoint. Exits 3 once every layer is at its target."""
-    from sparsify.stages import pipeline
+    from sparsify import stages
 
-    say(pipeline.prune(load_stage(config, set_, threads)).message)
+    say(stages.prune(load_stage(config, set_, threads)).message)
 
 
 @app.command()
@@ -207,21 +207,21 @@ def train(
     threads: ThreadsOption = None,
 ) -> None:
     """Finetune the latest checkpoint with its masks enforced, evaluate, save a new checkpoint."""
-    from sparsify.stages import pipeline
+    from sparsify import stages
 
     if nproc is not None:
         return relaunch("train", config, with_threads(set_, threads), nproc,
                         ["--epochs", str(epochs)] if epochs else [])
-    say(pipeline.train(load_stage(config, set_, threads), epochs=epochs).message)
+    say(stages.train(load_stage(config, set_, threads), epochs=epochs).message)
 
 
 @app.command("eval")
 @reports_errors
 def eval_(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsOption = None) -> None:
     """Evaluate the latest checkpoint (top-1, top-5, loss) on the validation set."""
-    from sparsify.stages import pipeline
+    from sparsify import stages
 
-    say(pipeline.eval_latest(load_stage(config, set_, threads)).message)
+    say(stages.eval_latest(load_stage(config, set_, threads)).message)
 
 
 @app.command()
@@ -229,11 +229,11 @@ def eval_(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsO
 def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption = None,
         threads: ThreadsOption = None) -> None:
     """Run the whole schedule (dense epochs, prune+train rounds, final epochs); resumable."""
-    from sparsify.stages import pipeline
+    from sparsify import stages
 
     if nproc is not None:
         return relaunch("run", config, with_threads(set_, threads), nproc, [])
-    results = pipeline.run_schedule(load_stage(config, set_, threads))
+    results = stages.run_schedule(load_stage(config, set_, threads))
     say(f"run finished: {len(results)} stage(s) this time; see `sparsify report`")
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from sparsify.stages import pipeline
+from sparsify import stages
 from sparsify.config import load_config
 from sparsify.errors import MaskDivergenceError
 from sparsify.training.distributed import check_masks_agree, first_divergence, mask_digests
@@ -55,8 +55,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     monkeypatch.syspath_prepend(str(TESTS))
     one = load_config(write_config(tmp_path, "one", batch=16))
     two_path = write_config(tmp_path, "two", batch=8)
-    pipeline.download(one)
-    pipeline.prune(one)
+    stages.download(one)
+    stages.prune(one)
     shutil.copytree(tmp_path / "runs/one", tmp_path / "runs/two")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -64,7 +64,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
          "-m", "sparsify", "train", "-c", str(two_path)],
         env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pipeline.train(one)
+    stages.train(one)
 
     a, b = trained(tmp_path, "one"), trained(tmp_path, "two")
     pruned = load_file(tmp_path / "runs/two/checkpoints/001-r01-pruned.safetensors")

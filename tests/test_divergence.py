@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsify.io.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from sparsify.io.checkpoint import RunDir, load_checkpoint, read_metadata, save_checkpoint
 from sparsify.cli import app
 from sparsify.errors import CheckpointError, TrainingDiverged
 from sparsify.training.log import read_rows
@@ -96,10 +96,7 @@ def faulty_copy(path, tmp_path):
     tensors = load_file(path)
     key = next(k for k in tensors if k.startswith("model.") and k.endswith("weight"))
     tensors[key][0] = float("nan")
-    with open(path, "rb") as f:
-        from sparsify.io.checkpoint import read_metadata
-
-        meta = read_metadata(path)
+    meta = read_metadata(path)
     out = tmp_path / path.name
     save_file(tensors, out, metadata=meta)
     return out, key

@@ -81,7 +81,7 @@ def test_global_scope_refuses_block_patterns_and_balanced():
 
 from sparsify.io.checkpoint import load_checkpoint  # noqa: E402
 from sparsify.config import load_config  # noqa: E402
-from sparsify.stages import pipeline  # noqa: E402
+from sparsify import stages  # noqa: E402
 from sparsify.errors import TargetReached  # noqa: E402
 
 IMP = [
@@ -109,13 +109,13 @@ def assert_rewound(pruned, point):
 
 def test_prune_rewinds_kept_weights_and_batchnorm_to_the_rewind_point(tmp_path):
     config = imp_config(tmp_path, "sparsity.rewind={to: round0}")
-    pipeline.download(config)
-    pipeline.train(config, epochs=1)
+    stages.download(config)
+    stages.train(config, epochs=1)
     assert not torch.equal(ckpt(config, 0).state["bn1.running_mean"], ckpt(config, 1).state["bn1.running_mean"])
-    pipeline.prune(config)
+    stages.prune(config)
     assert_rewound(ckpt(config, 2), ckpt(config, 1))  # round0: the last checkpoint of round 0
     assert load_checkpoint(config.run_dir / "rewind.safetensors").meta["rewind"] == "round0"
-    pipeline.prune(imp_config(tmp_path, "sparsity.rewind={to: init}"))  # a changed point is taken again
+    stages.prune(imp_config(tmp_path, "sparsity.rewind={to: init}"))  # a changed point is taken again
     assert_rewound(ckpt(config, 3), ckpt(config, 0))  # init: the weights at download
     saved = load_checkpoint(config.run_dir / "rewind.safetensors")
     assert saved.meta["rewind"] == "init" and not saved.masks
@@ -124,30 +124,30 @@ def test_prune_rewinds_kept_weights_and_batchnorm_to_the_rewind_point(tmp_path):
 
 def test_rewind_epoch_saves_the_weights_after_that_epoch_of_round_0(tmp_path):
     config = imp_config(tmp_path, "sparsity.rewind={epoch: 1}")
-    pipeline.download(config)
+    stages.download(config)
     with pytest.raises(SparsifyError, match="was not saved"):
-        pipeline.prune(config)
-    pipeline.train(config, epochs=2)
+        stages.prune(config)
+    stages.train(config, epochs=2)
     one_epoch = imp_config(tmp_path, "name=imp1")
-    pipeline.download(one_epoch)
-    pipeline.train(one_epoch, epochs=1)  # the same first epoch, stopped there
+    stages.download(one_epoch)
+    stages.train(one_epoch, epochs=1)  # the same first epoch, stopped there
     saved = load_checkpoint(config.run_dir / "rewind.safetensors")
     assert saved.meta["rewind"] == "epoch 1"
     reference = ckpt(one_epoch, 1).state
     assert all(torch.allclose(saved.state[k].double(), reference[k].double(), atol=1e-6) for k in reference)
     assert not torch.equal(saved.state["conv1.weight"], ckpt(config, 1).state["conv1.weight"])
-    pipeline.prune(config)
+    stages.prune(config)
     assert_rewound(ckpt(config, 2), saved)
 
 
 def test_global_imp_with_regroup_records_blocks_and_stops_after_the_target(tmp_path):
     config = imp_config(tmp_path, "sparsity.regroup={enabled: true, clusters: 2, min_rows: 2}",
                         "sparsity.keep_rows=false", "sparsity.keep_cols=false")
-    pipeline.download(config)
+    stages.download(config)
     rounds = 0
     with pytest.raises(TargetReached):
         for rounds in range(1, 20):
-            result = pipeline.prune(config)
+            result = stages.prune(config)
             assert "regroup:" in result.message
     pruned = ckpt(config, -1)
     info = pruned.meta["regroup"]
@@ -167,8 +167,8 @@ def test_global_imp_with_regroup_records_blocks_and_stops_after_the_target(tmp_p
 
 def test_taylor_prune_scores_with_gradients_of_training_batches(tmp_path):
     config = imp_config(tmp_path, "sparsity.criterion=taylor", "sparsity.criterion_batches=2")
-    pipeline.download(config)
-    result = pipeline.prune(config)
+    stages.download(config)
+    result = stages.prune(config)
     total = sum(m.numel() for m in ckpt(config, 1).masks.values())
     assert sum(int((~m).sum()) for m in ckpt(config, 1).masks.values()) == math.ceil(0.2 * total)
     assert result.round == 1

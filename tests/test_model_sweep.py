@@ -367,7 +367,7 @@ def test_googlenet_with_aux_heads_through_the_pipeline(tmp_path, monkeypatch):
     """download (hub cache) -> prune -> train -> eval -> report on an ImageFolder of JPEGs."""
     from pathlib import Path
 
-    from sparsify.stages import pipeline
+    from sparsify import stages
     from sparsify.config import load_config
     from sparsify.report.build import build_report
 
@@ -382,14 +382,14 @@ def test_googlenet_with_aux_heads_through_the_pipeline(tmp_path, monkeypatch):
         "model.input_size=32", "data.dataset=imagefolder", f"data.root={tmp_path / 'images'}",
         "data.batch_size=2", "data.mixup_alpha=0.2", "sparsity.include_linear=true", "sparsity.step=0.5",
         "device=cpu"])
-    pipeline.download(config)
-    pipeline.prune(config)
-    trained = pipeline.train(config, epochs=1)
+    stages.download(config)
+    stages.prune(config)
+    trained = stages.train(config, epochs=1)
     assert 0.0 < trained.sparsity <= 0.5 and "val_acc1" in trained.metrics
-    loaded = pipeline.load_run(pipeline.RunDir(config.run_dir))
+    loaded = stages.load_run(stages.RunDir(config.run_dir))
     assert loaded.model.aux1 is not None and loaded.model.aux2.fc2.out_features == 2
     assert any(name.startswith("aux1.") for name in loaded.masks)  # aux Linear layers are pruned too
-    assert pipeline.image_preset_for(loaded.checkpoint.meta).resize_size == 37  # 256 / 224 * 32
+    assert stages.image_preset_for(loaded.checkpoint.meta).resize_size == 37  # 256 / 224 * 32
     report = build_report(config.run_dir)
     assert report["arch"] == "googlenet" and [h["stage"] for h in report["history"]] == ["pretrained", "pruned", "trained"]
     assert {row["parameter"] for row in report["layers"]} >= {"aux1.fc2.weight", "fc.weight", "aux2.conv.conv.weight"}

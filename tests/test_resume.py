@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sparsify.stages import pipeline
+from sparsify import stages
 from sparsify.config import load_config
 
 CONFIG = textwrap.dedent(
@@ -54,8 +54,8 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical_to_an_uninterrupted_run(t
     for name in ("whole", "killed"):
         (tmp_path / f"{name}.yaml").write_text(CONFIG.format(name=name))
     whole = load_config(tmp_path / "whole.yaml")
-    pipeline.download(whole)
-    pipeline.prune(whole)
+    stages.download(whole)
+    stages.prune(whole)
     shutil.copytree(tmp_path / "runs/whole", tmp_path / "runs/killed")
     run = tmp_path / "runs/killed"
     state = run / "train-state.safetensors"

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from sparsify.training.distributed import current_info, reduce_sums, resolve_device
+from sparsify.training.distributed import current_info, reduce_sums
 from sparsify.errors import SparsifyError, TrainingDiverged
 from sparsify.core.masks import MaskEnforcer
 from sparsify.training.log import StepTimer, TrainLog

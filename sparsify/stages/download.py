@@ -1,0 +1,40 @@
+"""`sparsify download`: round 0, the model with its starting weights."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sparsify.config import RunConfig
+from sparsify.console import log
+from sparsify.data.datasets import check_data
+from sparsify.errors import SparsifyError
+from sparsify.io.checkpoint import RunDir
+from sparsify.models.build import build_model
+from sparsify.stages.run import StageResult, resolve_shapes, save_resolved_config, write_stage
+
+
+def download(config: RunConfig, *, force: bool = False) -> StageResult:
+    """Round 0: build the model with its starting weights and save it."""
+    run = RunDir(config.run_dir)
+    if run.checkpoints() and not force:
+        raise SparsifyError(f"run folder {run.root} already has checkpoints; pass --force to start it again "
+                            f"(the old checkpoints are deleted) or choose another name:")
+    started = time.perf_counter()
+    check_data(config.data, num_classes=config.model.num_classes)  # what train would refuse, before anything is written
+    shapes = resolve_shapes(config)
+    torch.manual_seed(config.seed)  # random initial weights (and new heads) repeat with the seed
+    model = build_model(config.model.arch, num_classes=shapes["num_classes"], in_channels=shapes["in_channels"],
+                        weights=config.model.weights, log=log)
+    with run.lock("download", create=True):
+        if force:
+            for path in run.checkpoints():
+                path.unlink()
+            run.history_path.unlink(missing_ok=True)
+        result = write_stage(run, config, command="download", parent=None, model=model, masks={},
+                             round_=0, stage="pretrained", metrics={}, started=started,
+                             extra_meta={**shapes, "arch": config.model.arch, "weights": config.model.weights})
+        save_resolved_config(run, config)
+    result.message = f"round 0: {config.model.arch} saved to {result.checkpoint}"
+    return result
