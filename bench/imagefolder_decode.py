@@ -62,7 +62,8 @@ def main() -> None:
     import torch
     from torchvision.datasets.folder import pil_loader
 
-    from sparsify.data.datasets import AUTO_DECODER, default_preset, imagefolder_transforms, read_image_tensor
+    from sparsify.data.imagefolder import AUTO_DECODER, imagefolder_transforms, read_image_tensor
+    from sparsify.data.presets import default_preset
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.set_num_threads(1)  # what a DataLoader worker runs with

@@ -28,7 +28,7 @@ def train_small_resnet(images: int):
     """small_resnet after one pass over the first `images` Fashion-MNIST training images."""
     import torch
 
-    from sparsify.data.datasets import load_fashion_mnist_split
+    from sparsify.data.images import load_fashion_mnist_split
     from sparsify.models.build import small_resnet
 
     x, y = load_fashion_mnist_split(__import__("pathlib").Path("/usr/share/datasets/fashion-mnist"), "train")

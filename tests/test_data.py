@@ -13,14 +13,8 @@ import torch
 from PIL import Image
 
 from sparsify.config import DataConfig
-from sparsify.data.datasets import (
-    FASHION_MNIST_FILES,
-    FASHION_MNIST_ROOT,
-    build_loaders,
-    dataset_info,
-    fake_datasets,
-    read_idx,
-)
+from sparsify.data.datasets import build_loaders, dataset_info
+from sparsify.data.images import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, fake_datasets, read_idx
 from sparsify.errors import DataError
 
 HAS_FASHION_MNIST = all(
@@ -367,7 +361,7 @@ def jpeg_root(tmp_path) -> Path:
 
 
 def test_decoders_give_the_same_images(jpeg_root):
-    from sparsify.data.datasets import AUTO_DECODER, image_reader, read_image_tensor
+    from sparsify.data.imagefolder import AUTO_DECODER, image_reader, read_image_tensor
 
     outputs = {}
     for decoder in ("pil", "torchvision", "auto"):
@@ -384,7 +378,7 @@ def test_decoders_give_the_same_images(jpeg_root):
 
 
 def test_torchvision_decoder_falls_back_to_pil_for_other_formats(tmp_path):
-    from sparsify.data.datasets import read_image_tensor
+    from sparsify.data.imagefolder import read_image_tensor
 
     pixels = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
     Image.fromarray(pixels).save(tmp_path / "a.bmp")
@@ -392,7 +386,7 @@ def test_torchvision_decoder_falls_back_to_pil_for_other_formats(tmp_path):
 
 
 def test_preset_sets_the_eval_resize_and_normalisation(jpeg_root):
-    from sparsify.data.datasets import ImagePreset
+    from sparsify.data.presets import ImagePreset
 
     plain = concat(imagefolder_loaders(jpeg_root)[1])[0]
     preset = ImagePreset(crop_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),

@@ -605,7 +605,7 @@ def image_preset(arch: str, *, weights: str | None, input_size: int):
     None for models without torchvision weights (the data side then uses ImageNet's defaults).
     With an input size other than the weights' crop, the resize keeps the weights' ratio.
     """
-    from sparsify.data.datasets import ImagePreset
+    from sparsify.data.presets import ImagePreset
 
     if arch in MODELS or ":" in arch or not is_torchvision_arch(arch):
         return None
