@@ -29,7 +29,7 @@ def train_small_resnet(images: int):
     import torch
 
     from sparsify.data.images import load_fashion_mnist_split
-    from sparsify.models.build import small_resnet
+    from sparsify.models.builtin import small_resnet
 
     x, y = load_fashion_mnist_split(__import__("pathlib").Path("/usr/share/datasets/fashion-mnist"), "train")
     x, y = x[:images], y[:images]

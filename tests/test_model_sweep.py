@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sparsify.cli import app
-from sparsify.models.build import build_for_shapes, build_model, torchvision_kwargs
+from sparsify.models.build import build_model
+from sparsify.models.tvmodels import build_for_shapes, torchvision_kwargs
 from sparsify.core.patterns import BlockPattern
 from sparsify.core.prune import find_layers
 

@@ -11,15 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparsify.errors import ModelError
-from sparsify.models.build import (
-    MODELS,
-    build_model,
-    cache_file,
-    default_in_channels,
-    default_input_size,
-    find_head,
-    replace_head_,
-)
+from sparsify.models.build import MODELS, build_model, default_in_channels, default_input_size
+from sparsify.models.tvmodels import cache_file, find_head, replace_head_
 
 RESNET18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
 
@@ -328,7 +321,7 @@ def test_local_weights_for_inception_with_and_without_aux_heads(tmp_path, logs):
 
 
 def test_inception_refuses_inputs_too_small_for_its_aux_head():
-    from sparsify.models.build import check_train_input_size
+    from sparsify.models.tvmodels import check_train_input_size
 
     check_train_input_size("inception_v3", 299)
     check_train_input_size("googlenet", 32)

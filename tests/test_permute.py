@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from sparsify.models.build import tiny_resnet
+from sparsify.models.builtin import tiny_resnet
 from sparsify.core.patterns import NMPattern
 from sparsify.rounds.permsearch import kept_magnitude, search_permutation
 from sparsify.rounds.permute import apply_permutation_, permute_model_, trace_channel_sets

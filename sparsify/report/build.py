@@ -43,7 +43,7 @@ def locate(target: Path) -> tuple[Path, RunDir | None]:
 def build_report(target: Path) -> dict:
     """Everything `render` prints, as JSON-ready data."""
     from sparsify.io.restore import build_model_for
-    from sparsify.models.build import build_for_shapes
+    from sparsify.models.tvmodels import build_for_shapes
 
     path, run = locate(target)
     ckpt = load_checkpoint(path, expected_sha256=run.recorded_sha256(path) if run else None)

@@ -46,7 +46,7 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
 def read_tensors(path: Path) -> tuple[dict, dict, dict]:
     """(state, masks, metadata) of a sparsify checkpoint; (state, {}, {}) of a plain state dict."""
     from sparsify.io.checkpoint import is_sparsify_metadata, parse_checkpoint, read_metadata
-    from sparsify.models.build import read_weights_file
+    from sparsify.models.weights import read_weights_file
 
     if path.suffix == ".safetensors" and is_sparsify_metadata(read_metadata(path)):
         ckpt = parse_checkpoint(path)
@@ -90,7 +90,7 @@ def check_plain(state: dict, declared) -> tuple[list[dict], list[dict]]:
 def shape_reason(pattern, shape: tuple[int, ...]) -> str | None:
     """Why `pattern` does not apply to a weight of `shape` (read as an ungrouped conv or a Linear)."""
     cin, cout, taps = shape[1], shape[0], shape[2:]
-    from sparsify.models.build import build_for_shapes
+    from sparsify.models.tvmodels import build_for_shapes
 
     module = build_for_shapes(lambda: nn.Linear(cin, cout) if not taps
                               else [nn.Conv1d, nn.Conv2d, nn.Conv3d][len(taps) - 1](cin, cout, taps))

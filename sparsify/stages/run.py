@@ -39,7 +39,8 @@ class StageResult:
 def resolve_shapes(config: RunConfig) -> dict:
     """num_classes, in_channels and input_size: from the config, else from the dataset/model."""
     from sparsify.data.datasets import dataset_info
-    from sparsify.models.build import check_train_input_size, default_in_channels, default_input_size
+    from sparsify.models.build import default_in_channels, default_input_size
+    from sparsify.models.tvmodels import check_train_input_size
 
     info = dataset_info(config.data, num_classes=config.model.num_classes)
     input_size = config.model.input_size
