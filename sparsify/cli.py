@@ -248,11 +248,12 @@ def report(
     format_: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
 ) -> None:
     """Per-layer sparsity table, model summary and round history."""
-    from sparsify.report import build as report_mod
+    from sparsify.report.build import build_report
+    from sparsify.report.render import render
 
     if target is None:
         target = load(config, set_).run_dir
-    say(report_mod.render(report_mod.build_report(target), format_.value))
+    say(render(build_report(target), format_.value))
 
 
 @app.command()
@@ -293,7 +294,7 @@ def export(
     ] = None,
 ) -> None:
     """Write a checkpoint as a plain model file: safetensors or pth state_dict, or ONNX."""
-    from sparsify.io.checkpoint import RunDir
+    from sparsify.io.rundir import RunDir
     from sparsify.io.export import export_checkpoint
 
     run = RunDir(load(config, set_).run_dir)

@@ -7,7 +7,8 @@ import struct
 import pytest
 import torch
 
-from sparsify.io.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
+from sparsify.io.rundir import RunDir
 from sparsify.errors import CheckpointError, RunLockedError
 
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsify.io.checkpoint import RunDir, load_checkpoint, read_metadata, save_checkpoint
+from sparsify.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from sparsify.io.rundir import RunDir
 from sparsify.cli import app
 from sparsify.errors import CheckpointError, TrainingDiverged
 from sparsify.training.log import read_rows

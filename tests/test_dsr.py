@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsify.io.checkpoint import RunDir, load_checkpoint
+from sparsify.io.checkpoint import load_checkpoint
+from sparsify.io.rundir import RunDir
 from dsr_ranks import rank_worker
 from sparsify.cli import app
 from sparsify.methods.dsr import (

@@ -79,7 +79,7 @@ def test_global_scope_refuses_block_patterns_and_balanced():
 # ---------------------------------------------------------------- through the stages
 
 
-from sparsify.io.checkpoint import load_checkpoint  # noqa: E402
+from sparsify.io.checkpoint import load_checkpoint
 from sparsify.config import load_config  # noqa: E402
 from sparsify import stages  # noqa: E402
 from sparsify.errors import TargetReached  # noqa: E402
@@ -157,7 +157,8 @@ def test_global_imp_with_regroup_records_blocks_and_stops_after_the_target(tmp_p
         mask = pruned.masks[layer["parameter"]]
         assert layer["density_after"] == pytest.approx(float(mask.float().mean()), abs=1e-6)
         assert sum(r * c for r, c in layer["block_sizes"]) == int(mask.sum())  # blocks share no row
-    from sparsify.report.build import build_report, render
+    from sparsify.report.build import build_report
+    from sparsify.report.render import render
 
     report = build_report(config.run_dir)
     assert [r["parameter"] for r in report["regroup"]] == [layer["parameter"] for layer in info["layers"]]

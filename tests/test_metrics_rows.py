@@ -3,6 +3,7 @@ across epochs, after a resume, summed over ranks; and the quickstart's rows are 
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,8 @@ def test_a_resume_saved_after_an_epochs_last_batch_goes_on_with_the_next_epoch(t
 
 def test_rows_sum_the_windows_of_every_rank(tmp_path):
     script = Path(__file__).parent / "loss_window_ranks.py"
-    env = {"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    paths = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

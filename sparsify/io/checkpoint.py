@@ -8,30 +8,24 @@ entry per group) for each pruned weight and, for method gumbel, `gumbel.logits.<
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
-import re
-import socket
 import struct
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from sparsify.errors import CheckpointError, RunLockedError
 from sparsify.core.masks import check_masks
 from sparsify.core.patterns import build_pattern
+from sparsify.errors import CheckpointError
+from sparsify.io.files import _fsync_dir, _sha256_of_file, _temporary_path, new_file_mode
 from sparsify.registry import METHODS
 
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
 
 
 @dataclass
@@ -44,53 +38,6 @@ class Checkpoint:
     meta: dict[str, Any]
     sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def new_file_mode() -> int:
-    """The mode a new file gets from `open()`: 0o666 less the process umask (safetensors' writer gives 0600)."""
-    try:
-        with open("/proc/self/status") as f:  # Linux: read the umask without changing it
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a crash leaves either the old file or the new one."""
-    path = Path(path)
-    tmp = _temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _sha256_of_file(path: Path, out: list) -> None:
-    with open(path, "rb") as f:
-        out.append(hashlib.file_digest(f, "sha256").hexdigest())
 
 
 def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -259,74 +206,3 @@ def _check_digest(path: Path, actual: str, expected: str | None) -> None:
         )
 
 
-class RunDir:
-    """The run folder: checkpoints/, history.jsonl, config.yaml and the lock."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.checkpoints_dir = self.root / "checkpoints"
-        self.history_path = self.root / "history.jsonl"
-        self.lock_path = self.root / ".lock"
-
-    def checkpoints(self) -> list[Path]:
-        if not self.checkpoints_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoints_dir.iterdir() if _NAME.match(p.name))
-
-    def latest(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
-
-    def next_checkpoint_path(self, round_: int, stage: str) -> Path:
-        found = self.checkpoints()
-        index = int(_NAME.match(found[-1].name).group(1)) + 1 if found else 0
-        return self.checkpoints_dir / f"{index:03d}-r{round_:02d}-{stage}.safetensors"
-
-    def history(self) -> list[dict]:
-        if not self.history_path.is_file():
-            return []
-        entries = []
-        for number, line in enumerate(self.history_path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                raise CheckpointError(f"{self.history_path} line {number} is not JSON; fix or remove that line") from None
-        return entries
-
-    def recorded_sha256(self, path: Path) -> str | None:
-        for entry in reversed(self.history()):
-            if entry.get("checkpoint") == path.name:
-                return entry.get("sha256")
-        return None
-
-    def append_history(self, entry: dict) -> None:
-        """Append one JSON line and fsync it (a line is either whole or absent after a crash)."""
-        line = json.dumps(entry, sort_keys=False) + "\n"
-        with open(self.history_path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-    @contextmanager
-    def lock(self, command: str, *, create: bool = False) -> Iterator[None]:
-        """Hold the run's lock for the duration of one command (released even on a crash)."""
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
-        elif not self.root.is_dir():
-            raise CheckpointError(f"run folder {self.root} does not exist; start the run with `sparsify download`")
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                raise RunLockedError(
-                    f"run folder {self.root} is in use by {holder}; wait for it to finish or stop it"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
-            yield
-        finally:
-            os.close(fd)

@@ -16,7 +16,9 @@ from typing import ClassVar
 
 import torch
 
-from sparsify.io.checkpoint import RunDir, atomic_write_bytes, load_checkpoint
+from sparsify.io.checkpoint import load_checkpoint
+from sparsify.io.files import atomic_write_bytes
+from sparsify.io.rundir import RunDir
 from sparsify.errors import SparsifyError
 from sparsify.core.patterns import describe_pattern
 from sparsify.registry import EXPORTERS

@@ -11,7 +11,8 @@ from torch import nn
 from sparsify.console import log
 from sparsify.core.patterns import build_pattern
 from sparsify.errors import CheckpointError
-from sparsify.io.checkpoint import Checkpoint, RunDir, load_checkpoint
+from sparsify.io.checkpoint import Checkpoint, load_checkpoint
+from sparsify.io.rundir import RunDir
 
 
 @dataclass

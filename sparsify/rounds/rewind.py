@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsify.io.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
+from sparsify.io.rundir import RunDir
 from sparsify.errors import CheckpointError, SparsifyError
 from sparsify.core.masks import MaskEnforcer
 from sparsify.training.callbacks import TrainCallback

@@ -5,7 +5,7 @@ history.jsonl, under the run's lock (`run.opened_run`, `run.write_stage`). Rerun
 after a crash continues from the last finished stage.
 """
 
-from sparsify.io.checkpoint import RunDir
+from sparsify.io.rundir import RunDir
 from sparsify.io.restore import load_run
 from sparsify.stages.download import download
 from sparsify.stages.evaluate import eval_latest

@@ -10,7 +10,7 @@ from sparsify.config import RunConfig
 from sparsify.console import log
 from sparsify.data.datasets import check_data
 from sparsify.errors import SparsifyError
-from sparsify.io.checkpoint import RunDir
+from sparsify.io.rundir import RunDir
 from sparsify.models.build import build_model
 from sparsify.stages.run import StageResult, resolve_shapes, save_resolved_config, write_stage
 

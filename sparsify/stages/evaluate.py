@@ -7,7 +7,7 @@ import time
 from sparsify.config import RunConfig
 from sparsify.methods.activations import activation_callbacks
 from sparsify.stages.run import StageResult, checkpoint_loaders, model_sparsity, now
-from sparsify.io.checkpoint import RunDir
+from sparsify.io.rundir import RunDir
 from sparsify.io.restore import load_run
 from sparsify.training.distributed import resolve_device
 from sparsify.training.loop import evaluate

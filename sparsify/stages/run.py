@@ -17,7 +17,9 @@ from sparsify import __version__
 from sparsify.config import RunConfig, config_hash, config_to_yaml
 from sparsify.core.patterns import build_pattern, describe_pattern
 from sparsify.errors import SparsifyError
-from sparsify.io.checkpoint import Checkpoint, RunDir, atomic_write_bytes, save_checkpoint
+from sparsify.io.checkpoint import Checkpoint, save_checkpoint
+from sparsify.io.files import atomic_write_bytes
+from sparsify.io.rundir import RunDir
 from sparsify.io.restore import LoadedRun, load_run
 from sparsify.rounds.hooks import carried_meta
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from sparsify.config import RunConfig
 from sparsify.console import log
 from sparsify.errors import SparsifyError, TargetReached
-from sparsify.io.checkpoint import RunDir
+from sparsify.io.rundir import RunDir
 from sparsify.registry import METHODS
 from sparsify.stages.download import download
 from sparsify.stages.prune import prune

@@ -10,7 +10,8 @@ import torch
 
 from sparsify.config import RunConfig
 from sparsify.console import log
-from sparsify.io.checkpoint import Checkpoint, RunDir
+from sparsify.io.checkpoint import Checkpoint
+from sparsify.io.rundir import RunDir
 from sparsify.io.restore import load_run
 from sparsify.methods.activations import activation_callbacks
 from sparsify.methods.base import callbacks_for, stage_meta, stage_tensors

@@ -156,7 +156,7 @@ def drop_rows_after(path: Path, *, start: str, step: int) -> None:
     kept = [r for r in rows if not (r["start"] == start and int(r["step"]) > step)]
     if len(kept) == len(rows):
         return
-    from sparsify.io.checkpoint import atomic_write_bytes
+    from sparsify.io.files import atomic_write_bytes
     import io
 
     buffer = io.StringIO()

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsify.io.checkpoint import RunDir, describe_nonfinite, nonfinite_entries
+from sparsify.io.checkpoint import describe_nonfinite, nonfinite_entries
+from sparsify.io.rundir import RunDir
 from sparsify.config import RunConfig, config_hash
 from sparsify.training.distributed import DistInfo, barrier, check_masks_agree, gather_objects, reduce_sums
 from sparsify.errors import CheckpointError, SparsifyError, TrainingDiverged

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from sparsify.io.checkpoint import _cpu_tensors, atomic_write_bytes, read_metadata
+from sparsify.io.checkpoint import _cpu_tensors, read_metadata
+from sparsify.io.files import atomic_write_bytes
 from sparsify.errors import CheckpointError
 
 STATE_FORMAT = 1

@@ -1,0 +1,90 @@
+"""The run folder: checkpoints/ named in creation order, history.jsonl, config.yaml and the lock
+held by one command at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sparsify.errors import CheckpointError, RunLockedError
+
+_NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
+
+
+class RunDir:
+    """The run folder: checkpoints/, history.jsonl, config.yaml and the lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.history_path = self.root / "history.jsonl"
+        self.lock_path = self.root / ".lock"
+
+    def checkpoints(self) -> list[Path]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if _NAME.match(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def next_checkpoint_path(self, round_: int, stage: str) -> Path:
+        found = self.checkpoints()
+        index = int(_NAME.match(found[-1].name).group(1)) + 1 if found else 0
+        return self.checkpoints_dir / f"{index:03d}-r{round_:02d}-{stage}.safetensors"
+
+    def history(self) -> list[dict]:
+        if not self.history_path.is_file():
+            return []
+        entries = []
+        for number, line in enumerate(self.history_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                raise CheckpointError(f"{self.history_path} line {number} is not JSON; fix or remove that line") from None
+        return entries
+
+    def recorded_sha256(self, path: Path) -> str | None:
+        for entry in reversed(self.history()):
+            if entry.get("checkpoint") == path.name:
+                return entry.get("sha256")
+        return None
+
+    def append_history(self, entry: dict) -> None:
+        """Append one JSON line and fsync it (a line is either whole or absent after a crash)."""
+        line = json.dumps(entry, sort_keys=False) + "\n"
+        with open(self.history_path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    @contextmanager
+    def lock(self, command: str, *, create: bool = False) -> Iterator[None]:
+        """Hold the run's lock for the duration of one command (released even on a crash)."""
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise CheckpointError(f"run folder {self.root} does not exist; start the run with `sparsify download`")
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise RunLockedError(
+                    f"run folder {self.root} is in use by {holder}; wait for it to finish or stop it"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
