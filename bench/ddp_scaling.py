@@ -38,7 +38,8 @@ def worker(rank: int, world: int, init_file: str, out: str, batch: int, samples:
     from sparsify.core.patterns import BlockPattern
     from sparsify.core.prune import PruneSettings, find_layers, prune_round
     from sparsify.core.masks import full_masks
-    from sparsify.training.loop import LoopOptions, OptimConfig, train_epochs
+    from sparsify.training.loop import train_epochs
+    from sparsify.training.trainer import LoopOptions, OptimConfig
 
     torch.set_num_threads(1)  # one thread per process, as torchrun sets OMP_NUM_THREADS=1
     if world > 1:

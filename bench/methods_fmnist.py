@@ -61,7 +61,7 @@ class Context:
         self.eligible = [layer.name for layer in layers if layer.reason is None]
 
     def optim(self):
-        from sparsify.training.loop import OptimConfig
+        from sparsify.training.trainer import OptimConfig
 
         return OptimConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine")
 
@@ -213,7 +213,8 @@ def run_gumbel_2of4(ctx: Context) -> dict:
     from sparsify.config import GumbelConfig
     from sparsify.methods.gumbel import GumbelCallbacks
     from sparsify.core.masks import MaskEnforcer
-    from sparsify.training.loop import OptimConfig, train_epochs
+    from sparsify.training.loop import train_epochs
+    from sparsify.training.trainer import OptimConfig
 
     started = time.perf_counter()
     model = copy.deepcopy(ctx.dense)

@@ -59,7 +59,8 @@ class Context:
         import torch
 
         from sparsify.core.masks import MaskEnforcer
-        from sparsify.training.loop import OptimConfig, train_epochs
+        from sparsify.training.loop import train_epochs
+        from sparsify.training.trainer import OptimConfig
 
         torch.manual_seed(self.seed)
         cfg = OptimConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine")

@@ -74,7 +74,7 @@ def build_workload(name: str, batches: int):
     from sparsify.core.masks import MaskEnforcer, full_masks
     from sparsify.core.patterns import BlockPattern
     from sparsify.core.prune import PruneSettings, find_layers, prune_round
-    from sparsify.training.loop import OptimConfig
+    from sparsify.training.trainer import OptimConfig
 
     torch.manual_seed(0)
     pattern = BlockPattern(8, 8)

@@ -64,7 +64,8 @@ def main() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from sparsify.core.masks import MaskEnforcer
-    from sparsify.training.loop import OptimConfig, train_epochs
+    from sparsify.training.loop import train_epochs
+    from sparsify.training.trainer import OptimConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

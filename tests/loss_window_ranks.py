@@ -18,7 +18,8 @@ from sparsify.data.samplers import ResumableDistributedSampler
 from sparsify.training.distributed import current_info
 from sparsify.core.masks import MaskEnforcer
 from sparsify.core.patterns import BlockPattern
-from sparsify.training.loop import LoopOptions, OptimConfig, Trainer, train_epochs
+from sparsify.training.loop import train_epochs
+from sparsify.training.trainer import LoopOptions, OptimConfig, Trainer
 from sparsify.training.log import TrainLog
 
 SAMPLES, BATCH = 44, 4  # 11 batches in one process, 6 (the last one short) in each of two

@@ -6,7 +6,7 @@ from torch import nn
 
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
 from sparsify.core.patterns import BlockPattern
-from sparsify.training.loop import OptimConfig, make_optimizer
+from sparsify.training.trainer import OptimConfig, make_optimizer
 
 
 def tiny_net():

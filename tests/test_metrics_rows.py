@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from loss_window_ranks import recorded_steps, tiny_run
 from sparsify.cli import app
-from sparsify.training.loop import Position
+from sparsify.training.trainer import Position
 from sparsify.training.log import read_rows
 from sparsify.training.state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state
 
@@ -33,7 +33,7 @@ def expected_losses(rows: list[dict], per_rank_steps: list[list]) -> list[float]
 
 @pytest.fixture
 def steps(monkeypatch):
-    from sparsify.training.loop import Trainer
+    from sparsify.training.trainer import Trainer
 
     monkeypatch.setattr(Trainer, "step", Trainer.step)  # undone after the test
     recorded: list = []

@@ -297,7 +297,7 @@ def test_pretrained_googlenet_keeps_aux_heads_and_trains_with_them(torch_home, l
     model.train()
     output = model(torch.randn(2, 3, 32, 32))
     assert [t.shape for t in output] == [(2, 5)] * 3  # logits, aux_logits2, aux_logits1
-    from sparsify.training.loop import classification_loss
+    from sparsify.training.trainer import classification_loss
 
     target = torch.tensor([0, 3])
     loss, logits = classification_loss(output, target, nn.CrossEntropyLoss())

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from sparsify.data.samplers import ResumableDistributedSampler
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
 from sparsify.core.patterns import BlockPattern
-from sparsify.training.loop import LoopOptions, OptimConfig, Position, classification_loss, count_correct, lr_at, train_epochs
+from sparsify.training.loop import train_epochs
+from sparsify.training.trainer import LoopOptions, OptimConfig, Position, classification_loss, count_correct, lr_at
 from sparsify.training.log import append_row, drop_rows_after, read_rows
 from sparsify.training.state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state
 

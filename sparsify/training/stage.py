@@ -23,7 +23,8 @@ from sparsify.training.distributed import DistInfo, barrier, check_masks_agree, 
 from sparsify.errors import CheckpointError, SparsifyError, TrainingDiverged
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
 from sparsify.core.patterns import build_pattern
-from sparsify.training.loop import LoopOptions, OptimConfig, Position, Trainer, evaluate, train_epochs
+from sparsify.training.loop import evaluate, train_epochs
+from sparsify.training.trainer import LoopOptions, OptimConfig, Position, Trainer
 from sparsify.training.log import TrainLog, drop_rows_after
 from sparsify.training.state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state
 
