@@ -88,7 +88,7 @@ def pruned_resnet18():
     import torchvision
 
     from sparsify.core.masks import MaskEnforcer, full_masks
-    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.block import BlockPattern
     from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
     torch.manual_seed(0)

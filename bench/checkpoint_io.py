@@ -49,7 +49,7 @@ def main() -> None:
 
     from sparsify.io.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
     from sparsify.core.masks import MaskEnforcer, full_masks
-    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.block import BlockPattern
     from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ def worker(rank: int, world: int, init_file: str, out: str, batch: int, samples:
     from sparsify.training.distributed import mask_digests
     from sparsify.core.masks import MaskEnforcer
     from sparsify.models.build import build_model
-    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.block import BlockPattern
     from sparsify.core.prune import PruneSettings, find_layers, prune_round
     from sparsify.core.masks import full_masks
     from sparsify.training.loop import train_epochs

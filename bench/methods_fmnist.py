@@ -46,7 +46,7 @@ class Context:
         from sparsify.config import DataConfig
         from sparsify.data.datasets import build_loaders
         from sparsify.models.build import build_model
-        from sparsify.core.patterns import UnstructuredPattern
+        from sparsify.core.elements import UnstructuredPattern
         from sparsify.core.prune import find_layers
 
         self.epochs, self.batches, self.val_batches, self.seed = epochs, batches, val_batches, seed

@@ -111,7 +111,7 @@ def finish_row(ctx: Context, model, masks: dict, pattern, started: float, **extr
 
 
 def row_block(ctx: Context, dense) -> dict:
-    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.block import BlockPattern
 
     started, model, pattern = time.perf_counter(), copy.deepcopy(dense), BlockPattern(8, 8)
     masks = prune_once(model, pattern, criterion="variance", target=0.5)
@@ -119,7 +119,7 @@ def row_block(ctx: Context, dense) -> dict:
 
 
 def row_global(ctx: Context, dense) -> tuple[dict, object, dict]:
-    from sparsify.core.patterns import UnstructuredPattern
+    from sparsify.core.elements import UnstructuredPattern
 
     started, model, pattern = time.perf_counter(), copy.deepcopy(dense), UnstructuredPattern()
     masks = prune_once(model, pattern, criterion="l1", target=0.8, scope="global")
@@ -132,7 +132,7 @@ def row_regroup(ctx: Context, pruned, partition) -> tuple[dict, list[dict]]:
     import torch
 
     from sparsify.core.masks import MaskEnforcer
-    from sparsify.core.patterns import UnstructuredPattern
+    from sparsify.core.elements import UnstructuredPattern
     from sparsify.rounds.regroup import regroup_mask
 
     started, (model, masks), pattern = time.perf_counter(), copy.deepcopy(pruned), UnstructuredPattern()
@@ -148,7 +148,7 @@ def row_regroup(ctx: Context, pruned, partition) -> tuple[dict, list[dict]]:
 
 
 def row_nm(ctx: Context, dense, *, permute: bool) -> dict:
-    from sparsify.core.patterns import NMPattern
+    from sparsify.core.elements import NMPattern
 
     started, model, pattern = time.perf_counter(), copy.deepcopy(dense), NMPattern(2, 4)
     extra = {"natural_sparsity": 0.5}
@@ -196,7 +196,7 @@ def main() -> None:
     import torch
 
     from sparsify.models.build import build_model
-    from sparsify.core.patterns import UnstructuredPattern
+    from sparsify.core.elements import UnstructuredPattern
     from sparsify.rounds.regroup import contiguous_partition, hypergraph_partition
 
     started = time.perf_counter()

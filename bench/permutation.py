@@ -69,7 +69,7 @@ def measure(model, example, time_limit: float) -> dict:
     import torch
 
     from sparsify.core.masks import full_masks
-    from sparsify.core.patterns import NMPattern
+    from sparsify.core.elements import NMPattern
     from sparsify.rounds.permute import describe_permutation, permute_model_
     from sparsify.core.prune import PruneSettings, find_layers, prune_round
 

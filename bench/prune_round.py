@@ -50,7 +50,7 @@ def main() -> None:
 
     from sparsify.core.criteria import score_groups
     from sparsify.core.masks import full_masks
-    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.block import BlockPattern
     from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
     torch.manual_seed(0)

@@ -72,7 +72,7 @@ def build_workload(name: str, batches: int):
     import torch
 
     from sparsify.core.masks import MaskEnforcer, full_masks
-    from sparsify.core.patterns import BlockPattern
+    from sparsify.core.block import BlockPattern
     from sparsify.core.prune import PruneSettings, find_layers, prune_round
     from sparsify.training.trainer import OptimConfig
 

@@ -20,7 +20,7 @@ from sparsify.errors import SparsifyError
 T = TypeVar("T")
 
 BUILTINS: dict[str, tuple[str, ...]] = {  # modules that register the built-in entries of each kind
-    "pattern": ("sparsify.core.patterns",),
+    "pattern": ("sparsify.core.block", "sparsify.core.elements"),
     "criterion": ("sparsify.core.criteria",),
     "method": ("sparsify.methods.static", "sparsify.methods.dsr", "sparsify.methods.gumbel",
                "sparsify.methods.gradual"),

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sparsify.data.samplers import ResumableDistributedSampler
 from sparsify.training.distributed import current_info
 from sparsify.core.masks import MaskEnforcer
-from sparsify.core.patterns import BlockPattern
+from sparsify.core.block import BlockPattern
 from sparsify.training.loop import train_epochs
 from sparsify.training.trainer import LoopOptions, OptimConfig, Trainer
 from sparsify.training.log import TrainLog

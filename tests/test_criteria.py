@@ -6,7 +6,8 @@ from torch import nn
 
 from sparsify.core.criteria import CRITERIA, ScoreInputs, accumulate_taylor, score_groups
 from sparsify.errors import SparsifyError
-from sparsify.core.patterns import BlockPattern, UnstructuredPattern
+from sparsify.core.block import BlockPattern
+from sparsify.core.elements import UnstructuredPattern
 
 
 def linear_logits_model():

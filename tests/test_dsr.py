@@ -17,7 +17,7 @@ from sparsify.methods.dsr import (
     kept_counts, period_at, prune_below, reparameterize, step_generator, thin_masks,
 )
 from sparsify.core.masks import MaskEnforcer
-from sparsify.core.patterns import UnstructuredPattern
+from sparsify.core.elements import UnstructuredPattern
 
 
 def hand_case():

@@ -10,7 +10,7 @@ from sparsify.training.ema import ModelEma
 from sparsify.errors import SparsifyError
 from sparsify.core.masks import MaskEnforcer, full_masks
 from sparsify.models.build import build_model
-from sparsify.core.patterns import BlockPattern
+from sparsify.core.block import BlockPattern
 from sparsify.core.prune import PruneSettings, find_layers, prune_round
 
 

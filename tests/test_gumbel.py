@@ -16,7 +16,7 @@ from sparsify.methods.gumbel import (
     magnitude_logits, sample_choice, set_trainable_, to_gumbel_groups, two_of_four_patterns,
 )
 from sparsify.core.masks import MaskEnforcer
-from sparsify.core.patterns import UnstructuredPattern
+from sparsify.core.elements import UnstructuredPattern
 
 
 class TwoConvs(nn.Module):

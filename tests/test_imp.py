@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sparsify.errors import SparsifyError
-from sparsify.core.patterns import BlockPattern, UnstructuredPattern
+from sparsify.core.block import BlockPattern
+from sparsify.core.elements import UnstructuredPattern
 from sparsify.core.prune import PruneSettings, prune_round
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
-from sparsify.core.patterns import BlockPattern
+from sparsify.core.block import BlockPattern
 from sparsify.training.trainer import OptimConfig, make_optimizer
 
 

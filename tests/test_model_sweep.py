@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 from sparsify.cli import app
 from sparsify.models.build import build_model
 from sparsify.models.tvmodels import build_for_shapes, torchvision_kwargs
-from sparsify.core.patterns import BlockPattern
+from sparsify.core.block import BlockPattern
 from sparsify.core.prune import find_layers
 
 NUM_CLASSES = 10

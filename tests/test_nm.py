@@ -8,7 +8,8 @@ from torch import nn
 from sparsify.config import load_config
 from sparsify.errors import ConfigError, SparsifyError
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
-from sparsify.core.patterns import NMPattern, build_pattern, describe_pattern, parse_pattern
+from sparsify.core.elements import NMPattern
+from sparsify.core.patterns import build_pattern, describe_pattern, parse_pattern
 from sparsify.core.prune import PruneSettings, find_layers, prune_layer, prune_round
 
 

@@ -12,7 +12,8 @@ ROW_PATTERN = textwrap.dedent(
 
     from pydantic import Field
 
-    from sparsify.core.patterns import BlockPattern, PatternOptions
+    from sparsify.core.block import BlockPattern
+    from sparsify.core.patterns import PatternOptions
     from sparsify.registry import PATTERNS
 
 

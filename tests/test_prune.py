@@ -7,7 +7,9 @@ import torch
 
 from sparsify.core.criteria import CRITERIA, ScoreInputs, score_groups
 from sparsify.errors import SparsifyError
-from sparsify.core.patterns import PATTERNS, BlockPattern, UnstructuredPattern, build_pattern
+from sparsify.core.block import BlockPattern
+from sparsify.core.elements import UnstructuredPattern
+from sparsify.core.patterns import PATTERNS, build_pattern
 from sparsify.core.prune import PruneSettings, planned_count, prune_layer, select_zeros, target_zero_count
 
 

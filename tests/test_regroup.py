@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sparsify.errors import SparsifyError
-from sparsify.core.patterns import BlockPattern, UnstructuredPattern
+from sparsify.core.block import BlockPattern
+from sparsify.core.elements import UnstructuredPattern
 from sparsify.rounds.regroup import (connectivity_cut, contiguous_partition, dense_columns, hypergraph_partition,
                               regroup_mask, regroup_masks)
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sparsify.data.samplers import ResumableDistributedSampler
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
-from sparsify.core.patterns import BlockPattern
+from sparsify.core.block import BlockPattern
 from sparsify.training.loop import train_epochs
 from sparsify.training.trainer import LoopOptions, OptimConfig, Position, classification_loss, count_correct, lr_at
 from sparsify.training.log import append_row, drop_rows_after, read_rows
