@@ -273,18 +273,14 @@ def check(
         fail(result["reason"], 1)
 
 
-class ExportFormat(str, Enum):
-    safetensors = "safetensors"
-    pth = "pth"
-    onnx = "onnx"
-
-
 @app.command()
 @reports_errors
 def export(
     config: ConfigOption = None,
     set_: SetOption = None,
-    format_: Annotated[ExportFormat, typer.Option("--format", "-f", help="Output format.")] = ExportFormat.safetensors,
+    format_: Annotated[str, typer.Option(
+        "--format", "-f", metavar="FORMAT",
+        help="A registered exporter: safetensors, pth, onnx, or one a plugin adds.")] = "safetensors",
     checkpoint: Annotated[
         Optional[Path], typer.Option(help="Checkpoint to export (default: the run's latest).", show_default=False)
     ] = None,
@@ -298,7 +294,7 @@ def export(
     from sparsify.io.export import export_checkpoint
 
     run = RunDir(load(config, set_).run_dir)
-    say(str(export_checkpoint(run, fmt=format_.value, checkpoint=checkpoint, output=output)))
+    say(str(export_checkpoint(run, fmt=format_, checkpoint=checkpoint, output=output)))
 
 
 @app.command("config")
