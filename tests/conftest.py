@@ -9,15 +9,28 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-TINY = {  # a run that takes a second or two per stage on a CPU
+TINY = {  # a run that takes a second or two per stage on a CPU: 2 steps an epoch
     "name": "tiny",
     "seed": 0,
     "device": "cpu",
     "model": {"arch": "tiny_resnet", "num_classes": 4},
-    "data": {"dataset": "fake", "fake_samples": 16, "batch_size": 8},
+    "data": {"dataset": "fake", "fake_samples": 32, "batch_size": 16},
     "sparsity": {"target": 0.5, "step": 0.5},
     "train": {"lr": 0.01},
 }
+
+
+def tiny_yaml(**sections) -> str:
+    """TINY with `sections` merged, as YAML text."""
+    return yaml.safe_dump(merged(TINY, sections), sort_keys=False)
+
+
+def invoke(*args, env=None) -> tuple[int, str, str]:
+    """One sparsify command in-process; returns (exit code, stdout, stderr)."""
+    from sparsify.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    return result.exit_code, result.stdout, result.stderr
 
 
 def merged(base: dict, changes: dict) -> dict:
@@ -34,13 +47,28 @@ def merged(base: dict, changes: dict) -> dict:
 
 
 @pytest.fixture
+def tiny_sections() -> dict:
+    """Changes to TINY for a whole test module (override this fixture in the module)."""
+    return {}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, tiny_sections):
+    """A fresh working directory holding tiny.yaml (TINY with the module's `tiny_sections`)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    (tmp_path / "tiny.yaml").write_text(tiny_yaml(**tiny_sections))
+    return tmp_path
+
+
+@pytest.fixture
 def tiny_config(tmp_path, monkeypatch):
     """`tiny_config(**sections)` writes tiny.yaml (TINY with `sections` merged) in a fresh working directory."""
     monkeypatch.chdir(tmp_path)
 
     def write(name: str = "tiny", **sections) -> Path:
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(merged(TINY, {"name": name, **sections}), sort_keys=False))
+        path.write_text(tiny_yaml(name=name, **sections))
         return path
 
     return write
@@ -49,10 +77,4 @@ def tiny_config(tmp_path, monkeypatch):
 @pytest.fixture
 def cli():
     """`cli(*args)` runs one sparsify command in-process; returns (exit code, stdout, stderr)."""
-    from sparsify.cli import app
-
-    def invoke(*args) -> tuple[int, str, str]:
-        result = CliRunner().invoke(app, [str(a) for a in args])
-        return result.exit_code, result.stdout, result.stderr
-
     return invoke

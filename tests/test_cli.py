@@ -4,40 +4,20 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from sparsify.cli import app
+from conftest import invoke, tiny_yaml
 
-TINY = textwrap.dedent(
-    """\
-    name: tiny
-    seed: 0
-    device: cpu
-    model: {arch: tiny_resnet, num_classes: 4}
-    data: {dataset: fake, fake_samples: 32, batch_size: 16}
-    sparsity: {target: 0.5, step: 0.5}
-    schedule: {dense_epochs: 1, epochs_per_round: 1, final_epochs: 1}
-    train: {lr: 0.01}
-    """
-)
+SCHEDULE = {"schedule": {"dense_epochs": 1, "epochs_per_round": 1, "final_epochs": 1}}
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    return tmp_path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
+def tiny_sections():
+    return SCHEDULE
 
 
 def checkpoints(workdir):
@@ -135,7 +115,7 @@ def test_run_is_resumable_from_the_last_finished_stage(workdir):
 
 
 def test_shell_loop_as_real_processes(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(TINY.replace("step: 0.5", "step: 0.2"))
+    (tmp_path / "tiny.yaml").write_text(tiny_yaml(sparsity={"step": 0.2}, **SCHEDULE))
     bin_dir = Path(sys.executable).parent
     script = (
         "set -e; sparsify download -c tiny.yaml\n"

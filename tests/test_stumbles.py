@@ -7,37 +7,14 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
-from typer.testing import CliRunner
 
-from sparsify.cli import app
-
-TINY = textwrap.dedent(
-    """\
-    name: tiny
-    seed: 0
-    device: cpu
-    model: {arch: tiny_resnet, num_classes: 4}
-    data: {dataset: fake, fake_samples: 32, batch_size: 16}
-    sparsity: {target: 0.5, step: 0.5}
-    train: {lr: 0.01, log_every: 1}
-    """
-)
-
+from conftest import invoke
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("COLUMNS", raising=False)
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    return tmp_path
-
-
-def invoke(*args, env=None):
-    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
-    return result.exit_code, result.stdout, result.stderr
+def tiny_sections():
+    return {"train": {"lr": 0.01, "log_every": 1}}
 
 
 def ok(*args):

@@ -2,30 +2,15 @@
 
 import json
 import os
-import textwrap
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from sparsify.io.checkpoint import load_checkpoint
-from sparsify.cli import app
+from conftest import invoke
 from sparsify.config import load_config
 from sparsify.errors import ConfigError
 from sparsify.threads import apply_threads, auto_threads, cgroup_quota, env_threads, resolve_threads, usable_cpus
-
-TINY = textwrap.dedent(
-    """\
-    name: tiny
-    seed: 0
-    device: cpu
-    model: {arch: tiny_resnet, num_classes: 4}
-    data: {dataset: fake, fake_samples: 32, batch_size: 16}
-    sparsity: {target: 0.5, step: 0.5}
-    train: {lr: 0.01}
-    """
-)
-
 
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
@@ -33,18 +18,6 @@ def keep_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    return tmp_path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), ("1", 1), ("3", 3)])
