@@ -338,7 +338,4 @@ class Dsr(Method):
                "and regrow at random positions every `period` steps")
     prune_rounds = False
     patterns = ("unstructured",)
-
-    @classmethod
-    def callbacks(cls, context) -> list:
-        return make_callbacks(context)
+    callbacks = staticmethod(make_callbacks)

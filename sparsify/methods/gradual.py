@@ -143,7 +143,4 @@ class Gradual(Method):
                "target, pruning every `frequency` steps")
     prune_rounds = False
     patterns = ("block", "unstructured")
-
-    @classmethod
-    def callbacks(cls, context) -> list:
-        return make_callbacks(context)
+    callbacks = staticmethod(make_callbacks)

@@ -299,6 +299,7 @@ class Gumbel(Method):
     patterns = ("nm", "unstructured")
     tensor_prefix = "gumbel"
     learns_masks = True
+    callbacks = staticmethod(make_callbacks)
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -306,14 +307,11 @@ class Gumbel(Method):
         s = config.sparsity
         n, m = getattr(s.pattern, "n", 2), getattr(s.pattern, "m", 4)
         if (n, m) != (2, 4):
-            raise SparsifyError(f"method gumbel learns 2:4 masks, not {n}:{m}; set sparsity.pattern: {{type: nm, n: 2, m: 4}}")
+            raise SparsifyError(f"method gumbel learns 2:4 masks, not {n}:{m}; "
+                                "set sparsity.pattern: {type: nm, n: 2, m: 4}")
         if s.gumbel.grouping == "flat" and s.pattern.type != "unstructured":
             raise SparsifyError("gumbel grouping flat (the paper's row-major groups) is not 2:4 along input channels; "
                                 "set sparsity.pattern: {type: unstructured} or gumbel.grouping: channels")
-
-    @classmethod
-    def callbacks(cls, context) -> list:
-        return make_callbacks(context)
 
     @classmethod
     def check_tensors(cls, state: dict, masks: dict, extra: dict, *, source) -> None:
