@@ -210,7 +210,7 @@ def run_gumbel_2of4(ctx: Context) -> dict:
 
     import torch
 
-    from sparsify.config import GumbelConfig
+    from sparsify.methods.gumbel import GumbelOptions
     from sparsify.methods.gumbel import GumbelCallbacks
     from sparsify.core.masks import MaskEnforcer
     from sparsify.training.loop import train_epochs
@@ -219,7 +219,7 @@ def run_gumbel_2of4(ctx: Context) -> dict:
     started = time.perf_counter()
     model = copy.deepcopy(ctx.dense)
     names = two_of_four_layers(ctx)
-    callback = GumbelCallbacks(SimpleNamespace(sparsity=SimpleNamespace(gumbel=GumbelConfig()), eligible=names,
+    callback = GumbelCallbacks(SimpleNamespace(sparsity=SimpleNamespace(gumbel=GumbelOptions()), eligible=names,
                                                parent_meta={}, seed=ctx.seed, extra={"trainable": "mask"}))
     torch.manual_seed(ctx.seed)
     enforcer = MaskEnforcer(model, {}, ctx.pattern)

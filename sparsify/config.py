@@ -79,40 +79,35 @@ def validate_pattern(value: Any) -> Any:
         raise ValueError(f"{key}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
+def validate_method_sections(data: Any, *, known: list[str]) -> Any:
+    """`sparsity.<method>` sections, each validated by its method's Options (defaults where absent)."""
+    if not isinstance(data, dict):
+        return data
+    sections = {name: method.Options for name, method in METHODS.items() if method.Options is not None}
+    out = dict(data)
+    for key, value in data.items():
+        if key in known:
+            continue
+        if key not in sections:
+            allowed = ", ".join([*known, *sections])
+            raise ConfigError(f"unknown config key 'sparsity.{key}'; allowed here: {allowed}")
+        try:
+            out[key] = value if isinstance(value, BaseModel) else sections[key].model_validate(value or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "extra_forbidden":
+                raise ConfigError(f"unknown config key 'sparsity.{key}.{where}'; allowed here: "
+                                  f"{', '.join(sections[key].model_fields)}") from None
+            raise ConfigError(f"config key 'sparsity.{key}.{where}': {first['msg'].removeprefix('Value error, ')} "
+                              f"(got {first.get('input')!r})") from None
+    for key, options in sections.items():
+        out.setdefault(key, options())
+    return out
+
+
 def default_pattern() -> Any:
     return PATTERNS.get("block").Options()
-
-
-class DsrConfig(_Section):
-    """Dynamic sparse reparameterization (`method: dsr`); defaults are the paper's WRN-28-2 / CIFAR-10 values."""
-
-    prune_count: Optional[int] = Field(default=None, ge=1)  # N_p: weights to prune per step; null: prune_fraction
-    prune_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)  # N_p as a share of the kept weights
-    tolerance: float = Field(default=0.1, ge=0.0, lt=1.0)  # delta: H moves when pruned is off N_p by more
-    threshold: float = Field(default=0.001, gt=0.0)  # H at the start: prune kept weights with |w| < H
-    period: int = Field(default=100, ge=1)  # optimizer steps between reparameterizations at first
-    double_at: list[int] = Field(default_factory=lambda: [25, 80, 140])  # epochs where the period doubles
-    stop_epoch: int = Field(default=190, ge=0)  # no reparameterization from this epoch on
-    budget: Literal["eligible", "all"] = "eligible"  # target counts eligible weights, or all parameters (dst)
-
-
-class GumbelConfig(_Section):
-    """Learned 2:4 masks (`method: gumbel`); defaults are the paper's (tau 1, no annealing, uniform logits)."""
-
-    grouping: Literal["channels", "flat"] = "channels"  # channels: hardware 2:4 | flat: row-major groups (the paper)
-    tau: float = Field(default=1.0, gt=0.0)  # Gumbel-softmax temperature at the first step
-    anneal: float = Field(default=0.0, ge=0.0)  # tau_t = max(tau_min, tau * exp(-anneal * t)); 0: tau fixed
-    tau_min: float = Field(default=0.5, gt=0.0)  # lower bound of the annealed temperature
-    init: Literal["uniform", "magnitude"] = "uniform"  # uniform: equal logits (the paper) | magnitude
-
-
-class GradualConfig(_Section):
-    """Gradual pruning (`method: gradual`): cubic schedule from `initial` to `sparsity.target` (Zhu & Gupta 2017)."""
-
-    initial: float = Field(default=0.0, ge=0.0, lt=1.0)  # s_i: sparsity of the first pruning step
-    start: float = Field(default=0.0, ge=0.0)  # t0 in epochs (counted over all train stages of the run)
-    end: float = Field(default=1.0, gt=0.0)  # epoch at which the target is reached
-    frequency: int = Field(default=100, ge=1)  # optimizer steps between pruning steps (delta t)
 
 
 class RewindConfig(_Section):
@@ -154,12 +149,17 @@ class SparsityConfig(_Section):
     balanced: bool = False  # every output block keeps the same share of its input blocks
     include_linear: bool = False  # Linear layers are eligible too
     exclude: list[str] = Field(default_factory=list)  # globs over parameter names, e.g. ["fc.*"]
-    dsr: DsrConfig = Field(default_factory=DsrConfig)  # used by method: dsr
-    gumbel: GumbelConfig = Field(default_factory=GumbelConfig)  # used by method: gumbel
-    gradual: GradualConfig = Field(default_factory=GradualConfig)  # used by method: gradual
     permute: PermuteConfig = Field(default_factory=PermuteConfig)  # nm: channel permutation before pruning
 
+    # besides these keys, one section per registered method with options: sparsity.dsr, .gumbel, .gradual, ...
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
     _pattern = field_validator("pattern", mode="plain")(classmethod(lambda cls, value: validate_pattern(value)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_sections(cls, data: Any) -> Any:
+        return validate_method_sections(data, known=list(cls.model_fields))
 
     @model_validator(mode="after")
     def _pattern_rules(self) -> "SparsityConfig":

@@ -87,6 +87,12 @@ def config_keys(model, prefix=""):
             sections = [PATTERNS.get(kind).Options for kind in ("block", "nm", "unstructured")]
         for section in sections:
             yield from config_keys(section, prefix + name + ".")
+    if prefix == "sparsity.":  # one section per built-in method with options
+        from sparsify.registry import METHODS
+
+        for method in ("dsr", "gumbel", "gradual"):
+            yield prefix + method
+            yield from config_keys(METHODS.get(method).Options, f"{prefix}{method}.")
 
 
 def test_every_config_key_is_documented_in_the_readme():

@@ -8,15 +8,25 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
-from sparsify.config import GumbelConfig
-from sparsify.errors import CheckpointError
-from sparsify.methods.gumbel import (
-    LOGITS_PREFIX, PRUNED_PREFIX, GumbelCallbacks, GumbelMask, attach_gumbel_, detach_gumbel_, from_gumbel_groups,
-    magnitude_logits, sample_choice, set_trainable_, to_gumbel_groups, two_of_four_patterns,
-)
-from sparsify.core.masks import MaskEnforcer
 from sparsify.core.elements import UnstructuredPattern
+from sparsify.core.masks import MaskEnforcer
+from sparsify.errors import CheckpointError
+from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
+from sparsify.methods.gumbel import (
+    LOGITS_PREFIX,
+    PRUNED_PREFIX,
+    GumbelCallbacks,
+    GumbelMask,
+    GumbelOptions,
+    attach_gumbel_,
+    detach_gumbel_,
+    from_gumbel_groups,
+    magnitude_logits,
+    sample_choice,
+    set_trainable_,
+    to_gumbel_groups,
+    two_of_four_patterns,
+)
 
 
 class TwoConvs(nn.Module):
@@ -109,7 +119,7 @@ def test_pattern_buffer_never_changes_and_model_state_dict_stays_vanilla():
 
 
 def fake_context(eligible, *, parent_tensors=None, steps=0, trainable="mask"):
-    return SimpleNamespace(sparsity=SimpleNamespace(gumbel=GumbelConfig(tau=1.0, anneal=0.5, tau_min=0.5)),
+    return SimpleNamespace(sparsity=SimpleNamespace(gumbel=GumbelOptions(tau=1.0, anneal=0.5, tau_min=0.5)),
                            eligible=eligible, parent_meta={"method_state": {"gumbel_steps": steps}}, seed=0,
                            extra={"trainable": trainable, "parent_tensors": parent_tensors or {}})
 

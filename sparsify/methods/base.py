@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict
+
 from sparsify.errors import SparsifyError
 from sparsify.registry import METHODS
 
@@ -30,6 +32,12 @@ class TrainContext:
     extra: dict = field(default_factory=dict)  # anything else a method needs (trainable, parent tensors, ...)
 
 
+class MethodOptions(BaseModel):
+    """Base of a method's options: strict, no unknown keys, finite numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class Method:
     """One value of `sparsity.method` (class attributes describe it; nothing is instantiated)."""
 
@@ -39,6 +47,7 @@ class Method:
     patterns: ClassVar[tuple[str, ...]] = ("block", "unstructured", "nm")  # pattern types it accepts
     tensor_prefix: ClassVar[str | None] = None  # checkpoint tensors it saves: "<prefix>.<kind>.<fqn>"
     learns_masks: ClassVar[bool] = False  # has mask parameters of its own (train.trainable: mask trains only those)
+    Options: ClassVar[type[BaseModel] | None] = None  # the keys of its config section `sparsity.<name>`
 
     @classmethod
     def check_config(cls, config) -> None:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.methods.base import Method
+from sparsify.methods.base import Method, MethodOptions
 from sparsify.registry import METHODS
 from sparsify.training.callbacks import TrainCallback
 
@@ -331,9 +333,23 @@ def make_callbacks(context) -> list:
                         iteration=int(previous.get("iteration", 0)), epochs_before=int(previous.get("epochs", 0)))]
 
 
+class DsrOptions(MethodOptions):
+    """Dynamic sparse reparameterization (`method: dsr`); defaults are the paper's WRN-28-2 / CIFAR-10 values."""
+
+    prune_count: Optional[int] = Field(default=None, ge=1)  # N_p: weights to prune per step; null: prune_fraction
+    prune_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)  # N_p as a share of the kept weights
+    tolerance: float = Field(default=0.1, ge=0.0, lt=1.0)  # delta: H moves when pruned is off N_p by more
+    threshold: float = Field(default=0.001, gt=0.0)  # H at the start: prune kept weights with |w| < H
+    period: int = Field(default=100, ge=1)  # optimizer steps between reparameterizations at first
+    double_at: list[int] = Field(default_factory=lambda: [25, 80, 140])  # epochs where the period doubles
+    stop_epoch: int = Field(default=190, ge=0)  # no reparameterization from this epoch on
+    budget: Literal["eligible", "all"] = "eligible"  # target counts eligible weights, or all parameters (dst)
+
+
 @METHODS.register("dsr")
 class Dsr(Method):
     name = "dsr"
+    Options = DsrOptions
     summary = ("dynamic sparse reparameterization (Mostafa & Wang 2019): prune below a global threshold "
                "and regrow at random positions every `period` steps")
     prune_rounds = False

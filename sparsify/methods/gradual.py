@@ -18,13 +18,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from sparsify.errors import SparsifyError
-from sparsify.methods.base import Method
-from sparsify.registry import METHODS
 from sparsify.core.patterns import build_pattern
 from sparsify.core.prune import PruneSettings, prune_layer
+from sparsify.errors import SparsifyError
+from sparsify.methods.base import Method, MethodOptions
+from sparsify.registry import METHODS
 from sparsify.training.callbacks import TrainCallback
 
 
@@ -136,9 +137,19 @@ def make_callbacks(context) -> list:
     return [GradualCallbacks(context)]
 
 
+class GradualOptions(MethodOptions):
+    """Gradual pruning (`method: gradual`): cubic schedule from `initial` to `sparsity.target` (Zhu & Gupta 2017)."""
+
+    initial: float = Field(default=0.0, ge=0.0, lt=1.0)  # s_i: sparsity of the first pruning step
+    start: float = Field(default=0.0, ge=0.0)  # t0 in epochs (counted over all train stages of the run)
+    end: float = Field(default=1.0, gt=0.0)  # epoch at which the target is reached
+    frequency: int = Field(default=100, ge=1)  # optimizer steps between pruning steps (delta t)
+
+
 @METHODS.register("gradual")
 class Gradual(Method):
     name = "gradual"
+    Options = GradualOptions
     summary = ("gradual pruning inside training (Zhu & Gupta 2017): cubic schedule from `initial` to the "
                "target, pruning every `frequency` steps")
     prune_rounds = False

@@ -18,13 +18,15 @@ Grouping `channels` (hardware 2:4): a group is 4 consecutive input channels at a
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from sparsify.errors import CheckpointError, SparsifyError
-from sparsify.methods.base import Method
+from sparsify.methods.base import Method, MethodOptions
 from sparsify.registry import METHODS
 from sparsify.training.callbacks import TrainCallback
 
@@ -290,9 +292,20 @@ def make_callbacks(context) -> list:
     return [GumbelCallbacks(context)]
 
 
+class GumbelOptions(MethodOptions):
+    """Learned 2:4 masks (`method: gumbel`); defaults are the paper's (tau 1, no annealing, uniform logits)."""
+
+    grouping: Literal["channels", "flat"] = "channels"  # channels: hardware 2:4 | flat: row-major groups (the paper)
+    tau: float = Field(default=1.0, gt=0.0)  # Gumbel-softmax temperature at the first step
+    anneal: float = Field(default=0.0, ge=0.0)  # tau_t = max(tau_min, tau * exp(-anneal * t)); 0: tau fixed
+    tau_min: float = Field(default=0.5, gt=0.0)  # lower bound of the annealed temperature
+    init: Literal["uniform", "magnitude"] = "uniform"  # uniform: equal logits (the paper) | magnitude
+
+
 @METHODS.register("gumbel")
 class Gumbel(Method):
     name = "gumbel"
+    Options = GumbelOptions
     summary = ("learned 2:4 masks (Danhofer 2024): six logits per group of four weights, hard Gumbel-softmax "
                "with a straight-through estimator; the argmax pattern is saved")
     prune_rounds = False
