@@ -3,7 +3,7 @@
 Workload (`--workload quickstart`, the default): what `sparsify run -c configs/quickstart.yaml`
 trains: `tiny_resnet` (1 -> 16/32/64 channels) on the embedded 8x8 digits, batch 32, masks from
 one block 8x8 round (variance, target 0.5, step 0.2), SGD lr 0.05 momentum 0.9 weight decay 5e-4,
-through `sparsify.data.build_loaders` and `sparsify.train.train_epochs`. `--workload resnet18`:
+through `sparsify.data.datasets.build_loaders` and `sparsify.training.loop.train_epochs`. `--workload resnet18`:
 torchvision resnet18 with one block 8x8 round (as in train_throughput.py), 32 random 3 x 112 x 112
 images per batch held in memory: large convolutions, where more threads pay off.
 

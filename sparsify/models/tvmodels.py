@@ -106,7 +106,7 @@ def mnasnet_class() -> type:
                     local_metadata = {**local_metadata, "version": version}
                 super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
-        SafetensorsMNASNet.__qualname__ = "SafetensorsMNASNet"  # pickles as sparsify.models.SafetensorsMNASNet
+        SafetensorsMNASNet.__qualname__ = "SafetensorsMNASNet"  # found as sparsify.models.tvmodels.SafetensorsMNASNet
         _MNASNET_CLASS = SafetensorsMNASNet
     return _MNASNET_CLASS
 
