@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic import model_validator
 
 from sparsify.errors import ConfigError, SparsifyError
-from sparsify.registry import CRITERIA, METHODS, PATTERNS, load_plugins
+from sparsify.registry import CRITERIA, DATASETS, METHODS, PATTERNS, load_plugins
 
 
 MAX_LR = 10.0  # no optimizer here trains with a larger step; 1e308 or inf only turns weights into NaN
@@ -36,7 +36,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["imagefolder", "digits", "fashion-mnist", "cifar10", "cifar100", "fake"] = "digits"
+    dataset: str = "digits"  # a registered dataset: digits | fashion-mnist | cifar10 | cifar100 | imagefolder | fake
     root: Optional[str] = None  # imagefolder: root/train + root/val; fashion-mnist: the IDX folder
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=0, ge=0)
@@ -52,6 +52,15 @@ class DataConfig(_Section):
     random_erase: float = Field(default=0.0, ge=0.0, le=1.0)  # imagefolder train: probability of erasing a patch
     mixup_alpha: float = Field(default=0.0, ge=0.0)  # > 0: MixUp on train batches (soft targets)
     cutmix_alpha: float = Field(default=0.0, ge=0.0)  # > 0: CutMix on train batches (soft targets)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        try:
+            DATASETS.get(value)
+        except SparsifyError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class PermuteConfig(_Section):

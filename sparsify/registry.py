@@ -1,11 +1,11 @@
 """Registries: one name -> implementation table per extension point, filled by decorators.
 
-Every extension point (patterns, criteria, methods, models, exporters) has its registry here,
+Every extension point (patterns, criteria, methods, models, exporters, datasets) has its registry here,
 at the bottom of the package, so any layer can look names up. Entries are registered by the
 modules that define them: the built-in modules listed in BUILTINS, the modules named in a
 config's `plugins:`, and the entry points of installed distributions (groups
 `sparsify.patterns`, `sparsify.criteria`, `sparsify.methods`, `sparsify.models`,
-`sparsify.exporters`). A registry imports its built-in modules and entry points the first time
+`sparsify.exporters`, `sparsify.datasets`). A registry imports its built-in modules and entry points the first time
 it is asked for a name, so looking up a method does not import the models.
 """
 
@@ -26,6 +26,7 @@ BUILTINS: dict[str, tuple[str, ...]] = {  # modules that register the built-in e
                "sparsify.methods.gradual"),
     "model": ("sparsify.models",),
     "exporter": ("sparsify.io.export",),
+    "dataset": ("sparsify.data.sources",),
 }
 
 
@@ -90,6 +91,7 @@ CRITERIA: Registry[type] = Registry("criterion", group="sparsify.criteria")
 METHODS: Registry[type] = Registry("method")
 MODELS: Registry[Callable] = Registry("model")
 EXPORTERS: Registry[type] = Registry("exporter")
+DATASETS: Registry[type] = Registry("dataset")
 
 
 def load_plugins(modules: list[str]) -> None:

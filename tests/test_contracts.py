@@ -1,4 +1,4 @@
-"""Contract tests over the registries: every pattern, criterion, method and exporter registered
+"""Contract tests over the registries: every pattern, criterion, method, exporter and dataset registered
 when the package loads is held to the same rules, so a new entry gets these tests for free."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from sparsify.core.patterns import build_pattern
 from sparsify.core.prune import PruneSettings, prune_round
 from sparsify.errors import ConfigError, SparsifyError
 from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
-from sparsify.registry import CRITERIA, EXPORTERS, METHODS, PATTERNS
+from sparsify.registry import CRITERIA, DATASETS, EXPORTERS, METHODS, PATTERNS
 
 PATTERN_NAMES, CRITERION_NAMES = PATTERNS.names(), CRITERIA.names()
-METHOD_NAMES, EXPORTER_NAMES = METHODS.names(), EXPORTERS.names()
+METHOD_NAMES, EXPORTER_NAMES, DATASET_NAMES = METHODS.names(), EXPORTERS.names(), DATASETS.names()
 
 
 def tiny_layers() -> nn.Sequential:
@@ -124,3 +124,23 @@ def test_every_exporter_writes_a_file_of_the_checkpoint(name, tiny_config, cli, 
     path = tmp_path / f"model.{name}"
     assert path.is_file() and path.stat().st_size > 10_000
     assert path.name.endswith(EXPORTERS.get(name).suffix)
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_every_dataset_builds_splits_its_info_describes(name):
+    from sparsify.config import DataConfig
+    from sparsify.data.datasets import build_loaders, check_data, dataset_info
+    from sparsify.errors import DataError
+
+    cfg = DataConfig(dataset=name, fake_samples=8, batch_size=4)
+    try:
+        check_data(cfg, num_classes=None)  # files present (fashion-mnist, cifar) or a root given (imagefolder)
+    except DataError as exc:
+        pytest.skip(f"{name} is not on this machine: {exc}")
+    info = dataset_info(cfg)
+    assert info.num_classes >= 2 and info.in_channels in (1, 3) and info.input_size >= 8
+    train, val = build_loaders(cfg, input_size=info.input_size, num_classes=info.num_classes,
+                               in_channels=info.in_channels, seed=0)
+    images, labels = next(iter(train))
+    assert tuple(images.shape[1:]) == (info.in_channels, info.input_size, info.input_size)
+    assert int(labels.max()) < info.num_classes and len(val) > 0

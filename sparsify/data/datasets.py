@@ -5,69 +5,29 @@ Small datasets live in memory as tensors; only ImageFolder decodes images on the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sparsify.config import DataConfig
-from sparsify.data.cifar import CIFAR_CLASSES, check_cifar_files, cifar_datasets
-from sparsify.data.imagefolder import check_imagefolder_images, class_folders, imagefolder_datasets, imagefolder_dirs
-from sparsify.data.images import (
-    FASHION_MNIST_FILES,
-    FASHION_MNIST_ROOT,
-    digits_datasets,
-    fake_datasets,
-    fashion_mnist_datasets,
-    find_idx_file,
-)
-from sparsify.data.presets import ImagePreset, default_preset
+from sparsify.data.presets import DatasetInfo, ImagePreset
 from sparsify.errors import DataError
-
-
-@dataclass
-class DatasetInfo:
-    """What a model needs to know about a dataset: classes, channels, native image size."""
-
-    num_classes: int
-    in_channels: int
-    input_size: int
+from sparsify.registry import DATASETS
 
 
 def dataset_info(cfg: DataConfig, *, num_classes: int | None = None) -> DatasetInfo:
     """Describe the configured dataset without loading it (imagefolder counts class folders)."""
-    if cfg.dataset == "digits":
-        return DatasetInfo(num_classes=10, in_channels=1, input_size=8)
-    if cfg.dataset == "fashion-mnist":
-        return DatasetInfo(num_classes=10, in_channels=1, input_size=28)
-    if cfg.dataset == "fake":
-        return DatasetInfo(num_classes=num_classes or 10, in_channels=3, input_size=32)
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return DatasetInfo(num_classes=CIFAR_CLASSES[cfg.dataset], in_channels=3, input_size=32)
-    if cfg.dataset == "imagefolder":
-        train_dir, _ = imagefolder_dirs(cfg.root)
-        return DatasetInfo(num_classes=len(class_folders(train_dir)), in_channels=3, input_size=224)
-    raise DataError(f"unknown dataset {cfg.dataset!r}; use imagefolder, digits, fashion-mnist or fake")
+    return DATASETS.get(cfg.dataset).info(cfg, num_classes=num_classes)
 
 
 def check_data(cfg: DataConfig, *, num_classes: int | None) -> DatasetInfo:
     """What `download` checks before it writes anything: the refusals of the train stage's loaders,
-    without loading the data.
-
-    The fashion-mnist files exist; the CIFAR files exist (unless data.download lets torchvision
-    fetch them); train/ and val/ of an ImageFolder tree have the same class folders and each holds
-    an image; model.num_classes is not below the dataset's class count.
-    """
-    info = dataset_info(cfg, num_classes=num_classes)
-    if cfg.dataset == "fashion-mnist":
-        for stem in FASHION_MNIST_FILES.values():
-            find_idx_file(Path(cfg.root or FASHION_MNIST_ROOT), stem)
-    elif cfg.dataset in ("cifar10", "cifar100"):
-        check_cifar_files(cfg.dataset, cfg.root, download=cfg.download)
-    elif cfg.dataset == "imagefolder":
-        check_imagefolder_images(cfg.root)
-    if cfg.dataset != "fake" and num_classes is not None:
+    without loading the data (files present, image folders that hold images, model.num_classes not
+    below the dataset's class count)."""
+    source = DATASETS.get(cfg.dataset)
+    info = source.info(cfg, num_classes=num_classes)
+    source.check(cfg)
+    if source.fixed_classes and num_classes is not None:
         check_num_classes(num_classes, info.num_classes, dataset=cfg.dataset)
     return info
 
@@ -90,38 +50,12 @@ def build_loaders(
     `rank` / `world_size`: each process of a torchrun job loads its own shard of both splits.
     """
     check_augment_options(cfg)
-    if cfg.dataset == "fake":
-        # the images do not follow `seed` (it changes from stage to stage): see FakeImages
-        train, val = fake_datasets(
-            samples=cfg.fake_samples,
-            input_size=input_size,
-            num_classes=num_classes,
-            in_channels=in_channels,
-        )
-    elif cfg.dataset == "digits":
-        check_in_channels(in_channels, dataset="digits")
-        train, val = digits_datasets(
-            val_fraction=cfg.val_fraction, input_size=input_size, in_channels=in_channels
-        )
-    elif cfg.dataset == "fashion-mnist":
-        check_in_channels(in_channels, dataset="fashion-mnist")
-        train, val = fashion_mnist_datasets(
-            cfg.root or FASHION_MNIST_ROOT, input_size=input_size, in_channels=in_channels
-        )
-    elif cfg.dataset in ("cifar10", "cifar100"):
+    source = DATASETS.get(cfg.dataset)
+    if source.fixed_classes:
         check_in_channels(in_channels, dataset=cfg.dataset)
-        train, val = cifar_datasets(cfg.dataset, cfg.root, input_size=input_size, in_channels=in_channels,
-                                    download=cfg.download, verify_checksums=cfg.verify_checksums)
-    elif cfg.dataset == "imagefolder":
-        check_in_channels(in_channels, dataset="imagefolder")
-        train, val = imagefolder_datasets(
-            cfg, preset=preset or default_preset(input_size), in_channels=in_channels
-        )
-    else:
-        raise DataError(
-            f"unknown dataset {cfg.dataset!r}; use imagefolder, digits, fashion-mnist or fake"
-        )
-    if cfg.dataset != "fake":
+    train, val = source.build(cfg, input_size=input_size, num_classes=num_classes, in_channels=in_channels,
+                              preset=preset)
+    if source.fixed_classes:
         check_num_classes(num_classes, dataset_classes(train), dataset=cfg.dataset)
     collate = batch_mixer(cfg, num_classes=num_classes)
     return (
@@ -170,7 +104,7 @@ def make_loader(
 
 def check_augment_options(cfg: DataConfig) -> None:
     """Refuse image augmentations on datasets that are not decoded from image files."""
-    if cfg.dataset == "imagefolder":
+    if DATASETS.get(cfg.dataset).decodes_files:
         return
     for key, value, off in (("auto_augment", cfg.auto_augment, None), ("random_erase", cfg.random_erase, 0.0)):
         if value != off:

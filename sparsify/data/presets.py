@@ -21,3 +21,12 @@ class ImagePreset:
 def default_preset(input_size: int) -> ImagePreset:
     """ImageNet statistics, resize to input_size / 0.875 then center crop (the classic recipe)."""
     return ImagePreset(crop_size=input_size, resize_size=int(input_size / 0.875))
+
+
+@dataclass
+class DatasetInfo:
+    """What a model needs to know about a dataset: classes, channels, native image size."""
+
+    num_classes: int
+    in_channels: int
+    input_size: int

@@ -21,6 +21,7 @@ from sparsify.io.checkpoint import Checkpoint, save_checkpoint
 from sparsify.io.files import atomic_write_bytes
 from sparsify.io.rundir import RunDir
 from sparsify.io.restore import LoadedRun, load_run
+from sparsify.registry import DATASETS
 from sparsify.rounds.hooks import carried_meta
 
 
@@ -46,7 +47,7 @@ def resolve_shapes(config: RunConfig) -> dict:
 
     info = dataset_info(config.data, num_classes=config.model.num_classes)
     input_size = config.model.input_size
-    if input_size is None and config.data.dataset == "imagefolder":
+    if input_size is None and DATASETS.get(config.data.dataset).decodes_files:
         input_size = default_input_size(config.model.arch, weights=config.model.weights) or 224
     check_train_input_size(config.model.arch, input_size or info.input_size)
     return {
