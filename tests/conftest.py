@@ -78,3 +78,31 @@ def tiny_config(tmp_path, monkeypatch):
 def cli():
     """`cli(*args)` runs one sparsify command in-process; returns (exit code, stdout, stderr)."""
     return invoke
+
+
+def saver_at(path: Path, step: int, *, epochs: int):
+    """A train loop's `save_state` that writes the train-state at `step` (and at no other step)."""
+    from sparsify.training.state import TrainState, capture_rng, save_train_state
+
+    def keep(trainer, position):  # written at once: the optimizer's buffers keep changing afterwards
+        if position.step == step:
+            save_train_state(path, TrainState("c", "s", "h", epochs, 1, position.epoch, position.batch, position.step,
+                                              trainer.model.state_dict(), dict(trainer.enforcer.masks),
+                                              trainer.parts(), [capture_rng()]))
+
+    return keep
+
+
+def resume_from(path: Path):
+    """A train loop's `resume` that puts back the train-state at `path` (one process)."""
+    from sparsify.training.state import load_train_state, restore_rng
+    from sparsify.training.trainer import Position
+
+    def resume(trainer):
+        state = load_train_state(path)
+        trainer.model.load_state_dict(state.model)
+        trainer.load_parts(state.parts)
+        restore_rng(state.rng[0])
+        return Position(state.epoch, state.batch, state.step)
+
+    return resume

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import resume_from, saver_at
 from loss_window_ranks import recorded_steps, tiny_run
 from sparsify.cli import app
 from sparsify.training.trainer import Position
 from sparsify.training.log import read_rows
-from sparsify.training.state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,23 +55,8 @@ def test_a_resumed_stage_writes_the_rows_of_an_uninterrupted_one(tmp_path, steps
     tiny_run(tmp_path / "full.csv")
     full = read_rows(tmp_path / "full.csv")
     path = tmp_path / "train-state.safetensors"
-
-    def keep(trainer, position):  # step 16 is mid-window (rows at 15 and 18) and mid-epoch
-        if position.step == 16:
-            save_train_state(path, TrainState("c", "s", "h", 3, 1, position.epoch, position.batch, position.step,
-                                              trainer.model.state_dict(), dict(trainer.enforcer.masks),
-                                              trainer.parts(), [capture_rng()]))
-
-    tiny_run(tmp_path / "first.csv", save_state=keep)
-
-    def resume(trainer):
-        state = load_train_state(path)
-        trainer.model.load_state_dict(state.model)
-        trainer.load_parts(state.parts)
-        restore_rng(state.rng[0])
-        return Position(state.epoch, state.batch, state.step)
-
-    tiny_run(tmp_path / "resumed.csv", resume=resume)
+    tiny_run(tmp_path / "first.csv", save_state=saver_at(path, 16, epochs=3))  # mid-window (rows at 15, 18), mid-epoch
+    tiny_run(tmp_path / "resumed.csv", resume=resume_from(path))
     before = [r for r in read_rows(tmp_path / "first.csv") if int(r["step"]) <= 16]
     rows = before + read_rows(tmp_path / "resumed.csv")
     assert [r["step"] for r in rows] == [r["step"] for r in full]

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sparsify.data.samplers import ResumableDistributedSampler
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
+from conftest import resume_from, saver_at
 from sparsify.core.block import BlockPattern
 from sparsify.training.loop import train_epochs
 from sparsify.training.trainer import LoopOptions, OptimConfig, Position, classification_loss, count_correct, lr_at
@@ -99,23 +100,8 @@ def test_callbacks_see_every_step_and_their_mask_changes_are_the_final_masks():
 
 def test_resume_from_the_middle_replays_the_rest_exactly(tmp_path):
     path = tmp_path / "train-state.safetensors"
-
-    def keep(trainer, position):  # written at once: the optimizer's buffers keep changing afterwards
-        if position.step == 4:
-            save_train_state(path, TrainState("c", "s", "h", 2, 1, position.epoch, position.batch, position.step,
-                                              trainer.model.state_dict(), dict(trainer.enforcer.masks),
-                                              trainer.parts(), [capture_rng()]))
-
-    full, _, _ = tiny_run("none", save_state=keep)
-
-    def resume(trainer):
-        state = load_train_state(path)
-        trainer.model.load_state_dict(state.model)
-        trainer.load_parts(state.parts)
-        restore_rng(state.rng[0])
-        return Position(state.epoch, state.batch, state.step)
-
-    resumed, _, _ = tiny_run("none", resume=resume)
+    full, _, _ = tiny_run("none", save_state=saver_at(path, 4, epochs=2))
+    resumed, _, _ = tiny_run("none", resume=resume_from(path))
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
