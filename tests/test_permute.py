@@ -8,7 +8,8 @@ from torch import nn
 from sparsify.models.builtin import tiny_resnet
 from sparsify.core.elements import NMPattern
 from sparsify.rounds.permsearch import kept_magnitude, search_permutation
-from sparsify.rounds.permute import apply_permutation_, permute_model_, trace_channel_sets
+from sparsify.rounds.channels import trace_channel_sets
+from sparsify.rounds.permute import apply_permutation_, permute_model_
 from sparsify.core.prune import find_layers
 
 
