@@ -20,6 +20,7 @@ from sparsify.errors import ConfigError, SparsifyError
 from sparsify.registry import CRITERIA, DATASETS, METHODS, PATTERNS, load_plugins
 
 
+MAX_NAME = 128  # run folder names: file systems allow 255 bytes, and the files inside add their own
 MAX_LR = 10.0  # no optimizer here trains with a larger step; 1e308 or inf only turns weights into NaN
 
 
@@ -259,7 +260,7 @@ class ActivationsConfig(_Section):
 class RunConfig(_Section):
     name: str = "run"
     plugins: list[str] = Field(default_factory=list)  # modules that register patterns, methods, ... (imported first)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)  # torch takes 64-bit seeds
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     runs_dir: str = "runs"  # the run folder is <runs_dir>/<name>
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -274,6 +275,8 @@ class RunConfig(_Section):
     def _safe_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise ValueError("name must be letters, digits, '.', '_' or '-' (it names a folder)")
+        if len(value) > MAX_NAME:
+            raise ValueError(f"name is {len(value)} characters; at most {MAX_NAME} (it names a folder)")
         return value
 
     @field_validator("device")
@@ -330,6 +333,16 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = parse_yaml(raw, source=f"--set {key}")
 
 
+def read_text(path: Path) -> str:
+    """A config file's text: UTF-8 (a BOM is accepted), else one line saying where it is not."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}); save it as UTF-8 YAML") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read the YAML file (or start from defaults), apply overrides, validate strictly."""
     data: dict = {}
@@ -337,7 +350,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass -c PATH to a YAML file")
-        data = parse_yaml(path.read_text(), source=str(path)) or {}
+        data = parse_yaml(read_text(path), source=str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     for assignment in overrides:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import hashlib
 import zlib
 from pathlib import Path
@@ -67,10 +68,27 @@ def normalise(images: torch.Tensor, *, mean: float, std: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- digits
 
 
+def check_val_fraction(labels: np.ndarray, val_fraction: float) -> None:
+    """A stratified split needs at least one image of every class on both sides."""
+    total, classes = len(labels), len(np.unique(labels))
+    held_out = math.ceil(val_fraction * total)  # as scikit-learn's train_test_split counts it
+    if not classes <= held_out <= total - classes:
+        low, high = classes / total, (total - classes) / total
+        raise DataError(f"data.val_fraction {val_fraction} leaves a split without every class ({total} images, "
+                        f"{classes} classes); choose a value from {low:.3f} to {high:.3f}")
+
+
+def digits_labels() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().target
+
+
 def split_digits(labels: np.ndarray, *, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/val indices from a fixed permutation (the same for every run seed)."""
     from sklearn.model_selection import train_test_split
 
+    check_val_fraction(labels, val_fraction)
     indices = np.arange(len(labels))
     train, val = train_test_split(
         indices, test_size=val_fraction, stratify=labels, random_state=DIGITS_SPLIT_SEED

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from sparsify.data.cifar import CIFAR_CLASSES, check_cifar_files, cifar_datasets
 from sparsify.data.imagefolder import check_imagefolder_images, class_folders, imagefolder_datasets, imagefolder_dirs
-from sparsify.data.images import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, digits_datasets, fake_datasets
+from sparsify.data.images import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, check_val_fraction, digits_datasets
+from sparsify.data.images import digits_labels, fake_datasets
 from sparsify.data.images import fashion_mnist_datasets, find_idx_file
 from sparsify.data.presets import DatasetInfo, ImagePreset, default_preset
 from sparsify.registry import DATASETS
@@ -54,6 +55,10 @@ class Digits(DataSource):
     @classmethod
     def info(cls, cfg, *, num_classes):
         return DatasetInfo(num_classes=10, in_channels=1, input_size=8)
+
+    @classmethod
+    def check(cls, cfg):
+        check_val_fraction(digits_labels(), cfg.val_fraction)
 
     @classmethod
     def build(cls, cfg, *, input_size, num_classes, in_channels, preset):

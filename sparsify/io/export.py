@@ -38,6 +38,9 @@ class Exporter:
 def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, output: Path | None = None) -> Path:
     """Write the checkpoint in `fmt`; returns the written path."""
     exporter = EXPORTERS.get(fmt)()
+    if output is not None and Path(output).is_dir():
+        raise SparsifyError(f"export -o {output} is a directory; name the file to write, e.g. "
+                            f"-o {Path(output) / ('model.' + exporter.suffix)}")
     source = checkpoint or run.latest()
     if source is None:
         raise SparsifyError(f"run folder {run.root} has no checkpoint to export; run `sparsify download` first")

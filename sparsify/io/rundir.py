@@ -67,14 +67,30 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def create(self) -> None:
+        """Make the run folder, or say in one line why it cannot be made."""
+        for folder in [*reversed(self.root.parents), self.root]:
+            if folder.exists() and not folder.is_dir():
+                raise CheckpointError(f"cannot make run folder {self.root}: {folder} is a file; set runs_dir "
+                                      "(or name) to a folder path")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot make run folder {self.root} ({exc.strerror}); set runs_dir to a "
+                                  "folder you can write") from None
+
     @contextmanager
     def lock(self, command: str, *, create: bool = False) -> Iterator[None]:
         """Hold the run's lock for the duration of one command (released even on a crash)."""
         if create:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.create()
         elif not self.root.is_dir():
             raise CheckpointError(f"run folder {self.root} does not exist; start the run with `sparsify download`")
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write the lock file {self.lock_path} ({exc.strerror}); make the run folder "
+                                  "writable for this user") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,0 +1,54 @@
+"""Inputs a user can get wrong: one line on stderr, exit 1, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import invoke
+
+
+def refused(*args) -> str:
+    code, _, err = invoke(*args)
+    assert code == 1 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_a_config_that_is_not_utf8_text(workdir):
+    (workdir / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert "is not UTF-8 text (byte 0xe9 at offset 9)" in refused("download", "-c", "latin1.yaml")
+    (workdir / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    assert "is not UTF-8 text" in refused("download", "-c", "binary.yaml")
+    assert not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("seed=100000000000000000000000000", "config key 'seed': Input should be less than 9223372036854775808"),
+    ("seed=-1", "config key 'seed': Input should be greater than or equal to 0"),
+    ("name=" + "a" * 300, "name is 300 characters; at most 128"),
+])
+def test_numbers_and_names_out_of_range(workdir, override, expected):
+    assert expected in refused("download", "-c", "tiny.yaml", "--set", override)
+    assert not (workdir / "runs").exists()
+
+
+def test_runs_dir_that_is_a_file(workdir):
+    (workdir / "taken").write_text("not a folder")
+    err = refused("download", "-c", "tiny.yaml", "--set", "runs_dir=taken/deeper")
+    assert "cannot make run folder taken/deeper/tiny: taken is a file" in err
+    assert (workdir / "taken").read_text() == "not a folder"
+
+
+def test_export_to_a_directory(workdir):
+    assert invoke("download", "-c", "tiny.yaml")[0] == 0
+    (workdir / "out").mkdir()
+    assert "export -o out is a directory; name the file to write" in refused("export", "-c", "tiny.yaml", "-o", "out")
+    assert list((workdir / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("fraction", ["0.0001", "0.9999"])
+def test_digits_validation_share_the_data_cannot_satisfy(workdir, fraction):
+    err = refused("download", "-c", "tiny.yaml", "--set", "data.dataset=digits", "--set", "model.num_classes=10",
+                  "--set", f"data.val_fraction={fraction}")
+    assert f"data.val_fraction {fraction} leaves a split without every class" in err
+    assert not (workdir / "runs").exists()
