@@ -45,3 +45,13 @@ def build_exploding(num_classes: int, in_channels: int = 3) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, num_classes),
     )
+
+
+def build_without_classes(channels: int) -> nn.Module:
+    """A factory whose signature has no num_classes."""
+    return nn.Conv2d(channels, 4, 3)
+
+
+def build_empty(num_classes: int) -> nn.Module:
+    """A model without parameters."""
+    return nn.Sequential(nn.Flatten())

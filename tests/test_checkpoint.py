@@ -117,7 +117,7 @@ def test_history_lines_and_recorded_hash(tmp_path):
     assert run.recorded_sha256(run.checkpoints_dir / "001-r01-pruned.safetensors") == "cd"
     with open(run.history_path, "a") as f:
         f.write("{oops\n")
-    with pytest.raises(CheckpointError, match="line 3 is not JSON"):
+    with pytest.raises(CheckpointError, match="line 3 is not a JSON object; fix or remove that line"):
         run.history()
 
 

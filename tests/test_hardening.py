@@ -52,3 +52,44 @@ def test_digits_validation_share_the_data_cannot_satisfy(workdir, fraction):
                   "--set", f"data.val_fraction={fraction}")
     assert f"data.val_fraction {fraction} leaves a split without every class" in err
     assert not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("mps", "device 'mps' was asked for but Apple's Metal backend is not available here"),
+    ("cuda:3", "device 'cuda:3' was asked for but"),
+])
+def test_a_device_that_is_not_there(workdir, device, expected):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has that GPU")
+    assert expected in refused("download", "-c", "tiny.yaml", "--set", f"device={device}")
+    assert not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("factory, expected", [
+    ("build_without_classes", "the factory takes no num_classes argument"),
+    ("build_empty", "has no trainable parameters"),
+])
+def test_a_model_factory_that_cannot_serve(workdir, monkeypatch, factory, expected):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    err = refused("download", "-c", "tiny.yaml", "--set", f"model.arch=factory_model:{factory}")
+    assert expected in err and not (workdir / "runs/tiny/checkpoints").exists()
+
+
+def test_report_reads_what_it_can_of_damaged_side_files(workdir):
+    for command in ("download", "prune", "train"):
+        assert invoke(command, "-c", "tiny.yaml")[0] == 0
+    run = workdir / "runs/tiny"
+    with open(run / "history.jsonl", "a") as f:
+        f.write("{not json\n")
+    with open(run / "metrics.csv", "ab") as f:
+        f.write(b"\x00\xff garbage,,\n")
+    code, out, err = invoke("report", "-c", "tiny.yaml")
+    assert code == 0, err
+    assert "history.jsonl line 4 is not a JSON object" in out and "metrics.csv line" in out
+    assert "final:" in out.strip().splitlines()[-1]
+    code, _, err = invoke("prune", "-c", "tiny.yaml")  # a stage still refuses to append to a damaged history
+    assert code == 1 and "history.jsonl line 4 is not a JSON object; fix or remove that line" in err

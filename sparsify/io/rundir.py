@@ -41,20 +41,34 @@ class RunDir:
         return self.checkpoints_dir / f"{index:03d}-r{round_:02d}-{stage}.safetensors"
 
     def history(self) -> list[dict]:
+        """Every line of history.jsonl; CheckpointError naming the first line that is not a JSON object."""
+        entries, problems = self.readable_history()
+        if problems:
+            raise CheckpointError(f"{problems[0]}; fix or remove that line")
+        return entries
+
+    def readable_history(self) -> tuple[list[dict], list[str]]:
+        """The lines of history.jsonl that are JSON objects, and one phrase per line that is not."""
         if not self.history_path.is_file():
-            return []
-        entries = []
-        for number, line in enumerate(self.history_path.read_text().splitlines(), 1):
+            return [], []
+        entries, problems = [], []
+        text = self.history_path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                entries.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:
-                raise CheckpointError(f"{self.history_path} line {number} is not JSON; fix or remove that line") from None
-        return entries
+                entry = None
+            if isinstance(entry, dict):
+                entries.append(entry)
+            else:
+                problems.append(f"{self.history_path} line {number} is not a JSON object")
+        return entries, problems
 
-    def recorded_sha256(self, path: Path) -> str | None:
-        for entry in reversed(self.history()):
+    def recorded_sha256(self, path: Path, *, lenient: bool = False) -> str | None:
+        """The sha256 the history recorded for checkpoint `path` (lenient: skipping unreadable lines)."""
+        for entry in reversed(self.readable_history()[0] if lenient else self.history()):
             if entry.get("checkpoint") == path.name:
                 return entry.get("sha256")
         return None

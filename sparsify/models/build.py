@@ -97,6 +97,9 @@ def call_factory(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
             f"model {spec!r}: module {module_name!r} has no callable {attr!r}; "
             "point to a function that returns an nn.Module"
         )
+    if not accepts_keyword(factory, "num_classes"):
+        raise ModelError(f"model {spec!r}: the factory takes no num_classes argument; give it the signature "
+                         "factory(num_classes, in_channels=3) -> nn.Module")
     kwargs = {"num_classes": num_classes}
     if accepts_keyword(factory, "in_channels"):
         kwargs["in_channels"] = in_channels
@@ -106,6 +109,9 @@ def call_factory(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
             f"model {spec!r} returned {type(model).__name__}, not a torch.nn.Module; "
             "make the factory return the model"
         )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"model {spec!r} has no trainable parameters; the factory must return the network "
+                         "with its layers (nn.Conv2d, nn.Linear, ...)")
     return model
 
 

@@ -44,7 +44,9 @@ def build_report(target: Path) -> dict:
     from sparsify.models.tvmodels import build_for_shapes
 
     path, run = locate(target)
-    ckpt = load_checkpoint(path, expected_sha256=run.recorded_sha256(path) if run else None)
+    ckpt = load_checkpoint(path, expected_sha256=run.recorded_sha256(path, lenient=True) if run else None)
+    history, problems = run.readable_history() if run else ([], [])
+    curves, more = round_curves(run, history) if run else ([], [])
     meta = ckpt.meta
     model = build_for_shapes(lambda: build_model_for(meta))  # meta device, CPU where the builder needs values
     pattern = build_pattern(meta["pattern"])
@@ -60,8 +62,9 @@ def build_report(target: Path) -> dict:
         **dst_breakdown(meta, ckpt.state, ckpt.masks, pattern, order=[layer.name for layer in layers]),
         "constraints": [{"parameter": e["name"], "note": e["note"]} for e in prune_log(meta) if e["note"]],
         "regroup": regroup_rows(meta),
-        "history": [history_row(e) for e in run.history()] if run else [],
-        "rounds": round_curves(run) if run else [],
+        "history": [history_row(e) for e in history],
+        "rounds": curves,
+        "problems": problems + more,  # side files a report could not read in full
         "permutation": meta.get("permutation"),
         "activations": activation_rows(meta),
     }
@@ -165,7 +168,7 @@ def outcome(report: dict, run: RunDir | None, path: Path, meta: dict) -> dict:
     def top1(entry: dict):
         return (entry.get("metrics") or {}).get("val_acc1")
 
-    history = run.history() if run else []
+    history = run.readable_history()[0] if run else []
     mine = [top1(e) for e in history if e.get("checkpoint") == path.name and top1(e) is not None]
     dense = [top1(e) for e in history if e.get("sparsity") == 0 and top1(e) is not None]
     latest = run.latest() if run else None
@@ -174,21 +177,29 @@ def outcome(report: dict, run: RunDir | None, path: Path, meta: dict) -> dict:
             "val_acc1": mine[-1] if mine else top1(meta), "dense_val_acc1": dense[-1] if dense else None}
 
 
-def round_curves(run: RunDir) -> list[dict]:
-    """Per round: epochs trained, first and last logged train loss, last val top-1."""
+def round_curves(run: RunDir, history: list[dict]) -> tuple[list[dict], list[str]]:
+    """Per round: epochs trained, first and last logged train loss, last val top-1; and the
+    metrics.csv lines that could not be read (skipped, named)."""
     from sparsify.training.log import read_rows
 
     rows: dict[int, dict] = {}
-    for row in read_rows(run.root / "metrics.csv"):
-        if not row.get("loss"):  # fp16 skipped every step of that row's window: no loss to show
+    bad: list[int] = []
+    for number, row in enumerate(read_rows(run.root / "metrics.csv"), 2):  # line 1 is the header
+        try:
+            round_, loss = int(row["round"]), float(row["loss"]) if row.get("loss") else None
+        except (KeyError, TypeError, ValueError):
+            bad.append(number)
             continue
-        entry = rows.setdefault(int(row["round"]), {"round": int(row["round"]), "epochs": 0,
-                                                   "first_loss": float(row["loss"]), "val_acc1": None})
-        entry["last_loss"] = float(row["loss"])
-    for entry in run.history():
+        if loss is None:  # fp16 skipped every step of that row's window: no loss to show
+            continue
+        entry = rows.setdefault(round_, {"round": round_, "epochs": 0, "first_loss": loss, "val_acc1": None})
+        entry["last_loss"] = loss
+    for entry in history:
         if entry.get("round") in rows and entry.get("stage") in ("trained", "final"):
             rows[entry["round"]]["epochs"] += (entry.get("metrics") or {}).get("epochs", 0)
             rows[entry["round"]]["val_acc1"] = (entry.get("metrics") or {}).get("val_acc1")
-    return [rows[key] for key in sorted(rows)]
+    problems = [f"{run.root / 'metrics.csv'} line {bad[0]} is not a metrics row"
+                + (f" (and {len(bad) - 1} more lines)" if len(bad) > 1 else "") + "; skipped"] if bad else []
+    return [rows[key] for key in sorted(rows)], problems
 
 

@@ -218,6 +218,7 @@ def render_table(report: dict, *, width: int | None = None) -> str:
                                 left=("parameter", "block sizes")), REGROUP_NOTE])
     notes = [f"constraint: {item['parameter']}: {item['note']}" for item in report["constraints"]]
     notes += permutation_lines(report.get("permutation"))
+    notes += [f"could not read: {problem}" for problem in report.get("problems", [])]
     if notes:
         sections.append(notes)
     if report["history"]:

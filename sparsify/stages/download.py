@@ -13,6 +13,7 @@ from sparsify.errors import SparsifyError
 from sparsify.io.rundir import RunDir
 from sparsify.models.build import build_model
 from sparsify.stages.run import StageResult, resolve_shapes, save_resolved_config, write_stage
+from sparsify.training.distributed import resolve_device
 
 
 def download(config: RunConfig, *, force: bool = False) -> StageResult:
@@ -22,6 +23,7 @@ def download(config: RunConfig, *, force: bool = False) -> StageResult:
         raise SparsifyError(f"run folder {run.root} already has checkpoints; pass --force to start it again "
                             f"(the old checkpoints are deleted) or choose another name:")
     started = time.perf_counter()
+    resolve_device(config.device)  # a device that is not there is refused before anything is written
     check_data(config.data, num_classes=config.model.num_classes)  # what train would refuse, before anything is written
     shapes = resolve_shapes(config)
     torch.manual_seed(config.seed)  # random initial weights (and new heads) repeat with the seed

@@ -61,6 +61,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SparsifyError(f"device {name!r} was asked for but CUDA is not available; use device: cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise SparsifyError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if name == "mps" and not (torch.backends.mps.is_available()):
+        raise SparsifyError("device 'mps' was asked for but Apple's Metal backend is not available here; "
+                            "use device: cpu or auto")
     return torch.device(name)
 
 

@@ -146,8 +146,12 @@ def read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.csv (empty when there is none)."""
     if not Path(path).is_file():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        try:
+            return list(csv.DictReader(f))
+        except csv.Error:  # a damaged file (NUL bytes, ...): what reads as rows, the rest is left to the caller
+            f.seek(0)
+            return list(csv.DictReader(line.replace("\0", "") for line in f))
 
 
 def drop_rows_after(path: Path, *, start: str, step: int) -> None:
