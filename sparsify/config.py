@@ -32,7 +32,7 @@ class ModelConfig(_Section):
     arch: str = "tiny_resnet"  # torchvision name, built-in name, or "pkg.module:factory"
     weights: Optional[str] = None  # weights enum name (DEFAULT, IMAGENET1K_V2), a local file, or null
     num_classes: Optional[int] = Field(default=None, ge=1)  # null: the dataset's class count
-    input_size: Optional[int] = Field(default=None, ge=1)  # null: the dataset's native size
+    input_size: Optional[int] = Field(default=None, ge=1, le=4096)  # null: the dataset's native size
     in_channels: Optional[int] = Field(default=None, ge=1)  # null: the dataset's channel count
 
 
@@ -42,7 +42,7 @@ class DataConfig(_Section):
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=0, ge=0)
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # digits: share held out for validation
-    fake_samples: int = Field(default=64, ge=1)  # fake: images per split
+    fake_samples: int = Field(default=64, ge=1, le=10_000_000)  # fake: images per split
     limit_train_batches: Optional[int] = Field(default=None, ge=1)  # cap batches per epoch (smoke runs)
     limit_val_batches: Optional[int] = Field(default=None, ge=1)
     download: bool = False  # cifar10/cifar100: torchvision may download the files when missing

@@ -93,3 +93,22 @@ def test_report_reads_what_it_can_of_damaged_side_files(workdir):
     assert "final:" in out.strip().splitlines()[-1]
     code, _, err = invoke("prune", "-c", "tiny.yaml")  # a stage still refuses to append to a damaged history
     assert code == 1 and "history.jsonl line 4 is not a JSON object; fix or remove that line" in err
+
+
+@pytest.mark.parametrize("arch, size, expected", [
+    ("lenet5", 8, "model 'lenet5' cannot take 8 px images (Calculated padded input size"),
+    ("squeezenet1_0", 8, "model 'squeezenet1_0' cannot take 8 px images"),
+])
+def test_an_input_size_the_architecture_cannot_take(workdir, arch, size, expected):
+    err = refused("download", "-c", "tiny.yaml", "--set", f"model.arch={arch}", "--set", f"model.input_size={size}",
+                  "--set", "data.dataset=digits", "--set", "model.num_classes=10")
+    assert expected in err and "the smallest size that works is" in err
+    assert not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.input_size=100000", "config key 'model.input_size': Input should be less than or equal to 4096"),
+    ("data.fake_samples=1000000000000", "config key 'data.fake_samples': Input should be less than or equal to"),
+])
+def test_sizes_no_machine_can_afford(workdir, override, expected):
+    assert expected in refused("download", "-c", "tiny.yaml", "--set", override)

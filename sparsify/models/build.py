@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from sparsify.errors import ModelError
@@ -188,3 +189,35 @@ def default_in_channels(arch: str) -> int | None:
     return 3 if is_torchvision_arch(arch) else None
 
 
+
+
+PROBE_SIZES = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 299, 384, 512)
+
+
+def input_size_problem(arch: str, *, num_classes: int, in_channels: int, input_size: int) -> str | None:
+    """Why `arch` cannot take images of `input_size` (a forward on the meta device: no memory, no
+    compute), with the smallest size that works where one of PROBE_SIZES does; None when it can
+    (or when the meta device cannot run the model, which then is not judged here)."""
+    from sparsify.models.tvmodels import build_for_shapes
+
+    model = build_for_shapes(lambda: build_model(arch, num_classes=num_classes, in_channels=in_channels,
+                                                 weights=None, log=lambda _: None)).to("meta").eval()
+    problem = meta_forward_problem(model, in_channels, input_size)
+    if problem is None:
+        return None
+    works = [size for size in PROBE_SIZES if meta_forward_problem(model, in_channels, size) is None]
+    hint = f"the smallest size that works is {works[0]}" if works else "no size from 8 to 512 works"
+    return f"model {arch!r} cannot take {input_size} px images ({problem}); {hint}: set model.input_size"
+
+
+def meta_forward_problem(model: nn.Module, in_channels: int, size: int) -> str | None:
+    """The first line of the error a forward of two images of `size` px raises on the meta device."""
+    try:
+        with torch.no_grad():
+            model(torch.empty(2, in_channels, size, size, device="meta"))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None if "meta" in text.lower() else text
+    except NotImplementedError:
+        return None
+    return None

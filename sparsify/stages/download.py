@@ -9,9 +9,9 @@ import torch
 from sparsify.config import RunConfig
 from sparsify.console import log
 from sparsify.data.datasets import check_data
-from sparsify.errors import SparsifyError
+from sparsify.errors import ModelError, SparsifyError
 from sparsify.io.rundir import RunDir
-from sparsify.models.build import build_model
+from sparsify.models.build import build_model, input_size_problem
 from sparsify.stages.run import StageResult, resolve_shapes, save_resolved_config, write_stage
 from sparsify.training.distributed import resolve_device
 
@@ -26,6 +26,10 @@ def download(config: RunConfig, *, force: bool = False) -> StageResult:
     resolve_device(config.device)  # a device that is not there is refused before anything is written
     check_data(config.data, num_classes=config.model.num_classes)  # what train would refuse, before anything is written
     shapes = resolve_shapes(config)
+    problem = input_size_problem(config.model.arch, num_classes=shapes["num_classes"], in_channels=shapes["in_channels"],
+                                 input_size=shapes["input_size"])
+    if problem:
+        raise ModelError(problem)
     torch.manual_seed(config.seed)  # random initial weights (and new heads) repeat with the seed
     model = build_model(config.model.arch, num_classes=shapes["num_classes"], in_channels=shapes["in_channels"],
                         weights=config.model.weights, log=log)
