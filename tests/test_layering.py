@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparsify"
 
 LAYERS = [
     ["__init__", "errors", "registry", "console", "threads"],  # version; exceptions; registries; progress; CPU threads
-    ["config"],  # the YAML schema (pydantic, no torch); names are checked against the registries
+    ["yamlfile", "config"],  # YAML text and --set overrides as data; the schema, checked against the registries
     ["core"],  # patterns, criteria, masks, prune: tensors in, masks out; no I/O
     ["data"],  # datasets, transforms presets, samplers
     ["models"],  # build by name, weights, the built-in zoo
