@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -215,6 +215,14 @@ class EmaConfig(_Section):
     every: int = Field(default=32, ge=1)  # optimizer steps between EMA updates
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation: loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy."""
+
+    teacher: str = Field(default="dense", min_length=1)  # dense: the run's last round-0 checkpoint | a checkpoint PATH
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)  # weight of the distillation term
+    temperature: float = Field(default=4.0, gt=0.0)  # T: softens both distributions
+
+
 class TrainConfig(_Section):
     epochs: int = Field(default=1, ge=1)  # per `sparsify train` unless --epochs is given
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -232,6 +240,7 @@ class TrainConfig(_Section):
     channels_last: bool = False  # NHWC memory format for model and images
     compile: bool = False  # torch.compile the model (slow first steps)
     ema: Optional[EmaConfig] = None  # exponential moving average of the weights; null: off
+    distill: Optional[DistillConfig] = None  # knowledge distillation from a teacher model; null: off
     deterministic: bool = False  # deterministic kernels and seeded workers (bit-exact resume)
     save_every_steps: Optional[int] = Field(default=None, ge=1)  # write train-state every N steps; null: off
     save_every_minutes: Optional[float] = Field(default=10.0, gt=0.0)  # ... and/or every N minutes; null: off
@@ -347,6 +356,7 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     while parts:
         part = parts.pop(0)
         annotation = section.model_fields[part].annotation if part in section.model_fields else None
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)  # Optional[X] -> X
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         section = annotation
