@@ -25,6 +25,10 @@ class CheckpointError(SparsifyError):
     """A checkpoint is missing, truncated, altered or inconsistent."""
 
 
+class WriteFailed(SparsifyError):
+    """A file could not be written (no space, a file-size limit, permissions); the old file is kept."""
+
+
 class RunLockedError(SparsifyError):
     """Another sparsify command holds the run folder."""
 
