@@ -1,6 +1,7 @@
 """Finetune and evaluate with masks enforced (masked weights stay exactly 0.0 after every step).
 
-One step: forward under autocast (`amp`), loss (soft targets from mixup/cutmix accepted),
+One step: forward under autocast (`amp`), loss (soft targets from mixup/cutmix accepted; with a
+`distiller`, the teacher's forward and the distillation term too),
 backward (scaled for fp16), unscale, `enforcer.mask_grads_()`, clip, optimizer (or scaler) step,
 `enforcer.apply_()`, EMA update, callbacks. Under torchrun the model is wrapped in
 DistributedDataParallel and metrics are summed over ranks.
@@ -75,13 +76,15 @@ def train_epochs(
     train_log: TrainLog | None = None,
     resume: Callable[[Trainer], Position] | None = None,
     save_state: Callable[[Trainer, Position], None] | None = None,
+    distiller=None,
 ) -> dict[str, float]:
     """Finetune for `epochs` with masks enforced; returns the last epoch's training metrics.
 
     `resume(trainer)` may restore a saved state and return where to continue; `save_state`
-    is called every `options.save_every_steps` steps / `save_every_minutes` minutes.
+    is called every `options.save_every_steps` steps / `save_every_minutes` minutes; `distiller`
+    (a training.distill.Distiller) adds its teacher's term to the loss.
     """
-    trainer = Trainer(model, enforcer, cfg, options, device, list(callbacks), ema)
+    trainer = Trainer(model, enforcer, cfg, options, device, list(callbacks), ema, distiller=distiller)
     sampler = getattr(train_loader, "sampler", None)
     if hasattr(sampler, "set_start"):
         sampler.set_start(0)

@@ -23,6 +23,7 @@ from sparsify.training.distributed import DistInfo, barrier, check_masks_agree, 
 from sparsify.errors import CheckpointError, SparsifyError, TrainingDiverged
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
 from sparsify.core.patterns import build_pattern
+from sparsify.training.distill import build_distiller
 from sparsify.training.loop import evaluate, train_epochs
 from sparsify.training.trainer import LoopOptions, OptimConfig, Position, Trainer
 from sparsify.training.log import TrainLog, drop_rows_after
@@ -181,6 +182,9 @@ def finetune(config: RunConfig, run: RunDir, loaded, *, make_loaders: Callable[.
     """
     t, meta = config.train, loaded.checkpoint.meta
     stage_seed = config.seed + len(run.checkpoints())
+    distiller = None if t.distill is None else build_distiller(  # before seeding: building draws random numbers
+        run, loaded.checkpoint, teacher=t.distill.teacher, alpha=t.distill.alpha,
+        temperature=t.distill.temperature, device=device, channels_last=t.channels_last, log=log)
     with deterministic_mode(t.deterministic):
         seed_everything(stage_seed + info.rank)
         train_loader, val_loader = make_loaders(seed=stage_seed)
@@ -205,7 +209,7 @@ def finetune(config: RunConfig, run: RunDir, loaded, *, make_loaders: Callable[.
                 metrics = train_epochs(
                     model, train_loader, enforcer=enforcer, cfg=optim_config(t), epochs=epochs, device=device,
                     limit=config.data.limit_train_batches, log=log, options=loop_options(t), callbacks=callbacks,
-                    ema=ema, train_log=train_log,
+                    ema=ema, train_log=train_log, distiller=distiller,
                     resume=make_resume(state_path, identity, info, log=log, csv_path=csv_path),
                     save_state=make_saver(state_path, identity, info, pattern))
             finally:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from sparsify.core.masks import MaskEnforcer
 from sparsify.errors import SparsifyError
+
+if TYPE_CHECKING:
+    from sparsify.training.distill import Distiller
 
 AUX_LOSS_WEIGHT = 0.4  # inception_v3 / googlenet auxiliary heads, as in torchvision's references
 GIVE_UP_SCALE = 1.0  # fp16: a step skipped at this loss scale or below overflows even unscaled
@@ -89,12 +94,20 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig, *, steps_per_epoch: int
     return cfg.lr
 
 
-def classification_loss(output, target: torch.Tensor, criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and main logits; auxiliary heads (inception, googlenet) add AUX_LOSS_WEIGHT each."""
-    if isinstance(output, torch.Tensor):
-        return criterion(output, target), output
-    logits = output.logits
+def classification_loss(output, target: torch.Tensor, criterion: nn.Module, *,
+                        blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and main logits; auxiliary heads (inception, googlenet) add AUX_LOSS_WEIGHT each.
+
+    `blend(logits, ce)`, when given, turns the main logits' cross-entropy into the main term
+    (distillation); the auxiliary heads keep their cross-entropy.
+    """
+    logits = output if isinstance(output, torch.Tensor) else output.logits
     loss = criterion(logits, target)
+    if blend is not None:
+        loss = blend(logits, loss)
+    if isinstance(output, torch.Tensor):
+        return loss, logits
     for name in ("aux_logits", "aux_logits1", "aux_logits2"):
         aux = getattr(output, name, None)
         if aux is not None:
@@ -147,6 +160,7 @@ class Trainer:
     device: torch.device
     callbacks: list = field(default_factory=list)
     ema: object | None = None
+    distiller: Distiller | None = None  # knowledge distillation: a frozen teacher blended into the loss
     log_window: torch.Tensor | None = None  # loss * n, correct, n since the last metrics row
     wrapped: nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
@@ -170,7 +184,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast_for(self.device, self.options.amp):
-            loss, logits = classification_loss(self.wrapped(images), target, self.criterion)
+            output = self.wrapped(images)
+            blend = None
+            if self.distiller is not None:  # the teacher's forward under no_grad, in eval mode
+                blend = partial(self.distiller.blend, self.distiller.teacher_logits(images))
+            loss, logits = classification_loss(output, target, self.criterion, blend=blend)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             if not finite_on_every_rank(loss):
