@@ -288,13 +288,16 @@ def export(
         Optional[Path], typer.Option("--output", "-o", help="Output file (default: <run>/export/<checkpoint>.<format>).",
                                      show_default=False)
     ] = None,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="ONNX: write the file without comparing onnxruntime's outputs to PyTorch's "
+                            "and without checking its pruned zeros.")] = False,
 ) -> None:
-    """Write a checkpoint as a plain model file: safetensors or pth state_dict, or ONNX."""
+    """Write a checkpoint as a plain model file: safetensors or pth state_dict, or ONNX (checked first)."""
     from sparsify.io.rundir import RunDir
     from sparsify.io.export import export_checkpoint
 
     run = RunDir(load(config, set_).run_dir)
-    say(str(export_checkpoint(run, fmt=format_, checkpoint=checkpoint, output=output)))
+    say(str(export_checkpoint(run, fmt=format_, checkpoint=checkpoint, output=output, verify=not no_verify)))
 
 
 @app.command("config")

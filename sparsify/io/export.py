@@ -3,7 +3,9 @@
 Each format is an `Exporter` registered with `@EXPORTERS.register(name)`: `safetensors` and `pth`
 hold the plain `state_dict` (pruned weights are exact zeros), which loads into the same
 torchvision/built-in model with `load_state_dict`; `onnx` is the model graph with its weights
-(needs the optional `onnx` and `onnxscript` packages). A new format is one Exporter subclass in a
+(needs the optional `onnx` and `onnxscript` packages), checked before it is written: onnxruntime's
+outputs against PyTorch's, the pruned zeros in the graph, and a count of the layers TensorRT can run
+2:4-sparse (`sparsify.io.onnx_check`; onnxruntime needed unless `verify` is off). A new format is one Exporter subclass in a
 module named under `plugins:` (or a `sparsify.exporters` entry point).
 """
 
@@ -17,7 +19,9 @@ from typing import ClassVar
 import torch
 
 from sparsify.io.checkpoint import load_checkpoint
+from sparsify.console import log
 from sparsify.io.files import atomic_write_bytes
+from sparsify.io.onnx_check import check_onnx, require_onnx_packages
 from sparsify.io.rundir import RunDir
 from sparsify.errors import SparsifyError
 from sparsify.core.patterns import describe_pattern
@@ -30,14 +34,18 @@ class Exporter:
     name: ClassVar[str]
     suffix: ClassVar[str]  # file name suffix, without the dot
 
+    def __init__(self, *, verify: bool = True) -> None:
+        self.verify = verify  # a format that can check its file against the model does so unless False
+
     def write(self, ckpt) -> bytes:
         """The file's bytes for a loaded, validated checkpoint."""
         raise NotImplementedError
 
 
-def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, output: Path | None = None) -> Path:
-    """Write the checkpoint in `fmt`; returns the written path."""
-    exporter = EXPORTERS.get(fmt)()
+def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, output: Path | None = None,
+                      verify: bool = True) -> Path:
+    """Write the checkpoint in `fmt` (checked first where the format can be, unless `verify` is off); the path."""
+    exporter = EXPORTERS.get(fmt)(verify=verify)
     if output is not None and Path(output).is_dir():
         raise SparsifyError(f"export -o {output} is a directory; name the file to write, e.g. "
                             f"-o {Path(output) / ('model.' + exporter.suffix)}")
@@ -47,8 +55,9 @@ def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, 
     expected = run.recorded_sha256(source) if checkpoint is None or source.parent == run.checkpoints_dir else None
     ckpt = load_checkpoint(source, expected_sha256=expected)  # refuses drifted or altered files
     output = Path(output) if output else run.root / "export" / f"{source.stem}.{exporter.suffix}"
+    data = exporter.write(ckpt)  # before any folder is made: a refused check leaves nothing behind
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output, exporter.write(ckpt))
+    atomic_write_bytes(output, data)
     return output
 
 
@@ -68,32 +77,40 @@ def safetensors_bytes(ckpt) -> bytes:
 
 def pth_bytes(ckpt) -> bytes:
     buffer = io.BytesIO()
-    torch.save(dict(ckpt.state), buffer)
+    # copies: a loaded checkpoint's tensors may be views into one buffer, which torch.save refuses
+    torch.save({name: tensor.clone() for name, tensor in ckpt.state.items()}, buffer)
     return buffer.getvalue()
 
 
-def onnx_bytes(ckpt) -> bytes:
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise SparsifyError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+def onnx_bytes(ckpt, *, verify: bool = True) -> bytes:
+    """The checkpoint's model as an ONNX graph, checked (`check_onnx`) before it is returned."""
+    require_onnx_packages(verify=verify)
     from sparsify.io.restore import rebuild
 
-    meta = ckpt.meta
-    model = rebuild(ckpt).model.eval()
+    loaded = rebuild(ckpt)
+    model, meta = loaded.model.eval(), ckpt.meta
     size = meta.get("input_size") or 224
+    data = onnx_graph(model, arch=meta["arch"], in_channels=meta["in_channels"], size=size)
+    masked = {name: (~loaded.pattern.expand(mask, tuple(ckpt.state[name].shape))).numpy()
+              for name, mask in loaded.masks.items()}
+    for line in check_onnx(data, model, masked, input_size=size, in_channels=meta["in_channels"], verify=verify):
+        log(line)
+    return data
+
+
+def onnx_graph(model: torch.nn.Module, *, arch: str, in_channels: int, size: int) -> bytes:
+    """torch.onnx's dynamo export of `model` with a dynamic batch dimension, as bytes."""
     # a batch of 2: torch.export specialises a dimension whose example size is 1; with a batch of 1,
     # a model that pools a permuted map (convnext: Linear layers over NHWC, then AdaptiveAvgPool2d)
     # failed the dynamic batch with "Invalid ranges [2:1]"
-    example = torch.zeros(2, meta["in_channels"], size, size)
+    example = torch.zeros(2, in_channels, size, size)
     try:
         program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as exc:  # torch.export's and the ONNX translator's errors span pages
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         cause = next((line for line in lines if line.startswith("<class '")), lines[0] if lines else type(exc).__name__)
-        raise SparsifyError(f"torch.onnx cannot export {meta['arch']} ({cause[:200]}); "
+        raise SparsifyError(f"torch.onnx cannot export {arch} ({cause[:200]}); "
                             "export --format safetensors or pth instead") from None
     buffer = io.BytesIO()
     program.save(buffer)
@@ -121,4 +138,4 @@ class OnnxExporter(Exporter):
     name, suffix = "onnx", "onnx"
 
     def write(self, ckpt) -> bytes:
-        return onnx_bytes(ckpt)
+        return onnx_bytes(ckpt, verify=self.verify)

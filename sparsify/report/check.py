@@ -6,6 +6,9 @@ plain state dict (`.safetensors`, `.pth`) has no masks: every conv/Linear-shaped
 pattern applies to is checked for the structure alone (for n:m, at most n nonzeros in every group
 of m input channels; blocks and single weights always form a valid layout, so for `block` and
 `unstructured` only the sparsity is reported).
+
+Checked against 2:4, every conv/Linear weight (checked or not) also gets a `tensorrt` verdict:
+`yes` when TensorRT's rule for 2:4 sparse kernels holds (`sparsify.core.tensorrt`), else `no: why`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from sparsify.errors import SparsifyError
 from sparsify.core.patterns import build_pattern, describe_pattern, parse_pattern
+from sparsify.core.tensorrt import TENSORRT_PATTERN, TENSORRT_RULE, tensorrt_2to4
 
 
 def check_file(path: Path, *, pattern: str | None = None) -> dict:
@@ -40,7 +44,18 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
         layers, skipped = check_plain(state, declared)
     result = verdict(path, spec, layers, skipped, kind="checkpoint" if meta else "state dict")
     result["pruned"] = bool(masks)
+    if declared.describe() == TENSORRT_PATTERN:
+        result["tensorrt"] = tensorrt_verdicts_(state, layers, skipped)
     return result
+
+
+def tensorrt_verdicts_(state: dict, layers: list[dict], skipped: list[dict]) -> dict:
+    """Add each conv/Linear weight's `tensorrt` verdict to its entry; the count that TensorRT can run 2:4."""
+    entries = [e for e in layers + skipped if e["parameter"] in state and state[e["parameter"]].dim() >= 2]
+    for entry in entries:
+        entry["tensorrt"] = tensorrt_2to4(state[entry["parameter"]])
+    return {"rule": TENSORRT_RULE, "layers": len(entries),
+            "accelerable": sum(entry["tensorrt"] == "yes" for entry in entries)}
 
 
 def read_tensors(path: Path) -> tuple[dict, dict, dict]:
@@ -137,14 +152,22 @@ def render(result: dict, fmt: str) -> str:
     for layer in result["layers"]:
         state = "ok" if layer["follows"] else "VIOLATES: " + "; ".join(layer["problems"])
         lines.append(f"  {layer['parameter']} [{layer['shape']}] sparsity {100 * layer['sparsity']:.2f}%"
-                     f"{_target_text(layer['target'])} {state}")
+                     f"{_target_text(layer['target'])} {state}{_tensorrt_text(layer)}")
     for item in result["skipped"]:
-        lines.append(f"  {item['parameter']}: not checked ({item['reason']})")
+        lines.append(f"  {item['parameter']}: not checked ({item['reason']}){_tensorrt_text(item)}")
     word = "follows" if result["follows"] else "does NOT follow"
     lines.append(f"{word} {result['pattern']}: {result['checked']} layers checked, {result['violating']} violating, "
                  f"{len(result['skipped'])} not checked; sparsity of checked weights "
                  f"{100 * result['sparsity']:.2f}%{_target_text(result['target'])}")
+    if "tensorrt" in result:
+        trt = result["tensorrt"]
+        lines.append(f"tensorrt 2:4: {trt['accelerable']} of {trt['layers']} conv/Linear layers follow TensorRT's rule "
+                     f"for sparse kernels ({trt['rule']})")
     return "\n".join(lines)
+
+
+def _tensorrt_text(entry: dict) -> str:
+    return f"; tensorrt 2:4: {entry['tensorrt']}" if "tensorrt" in entry else ""
 
 
 def _target_text(target: float | None) -> str:
