@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic import model_validator
 
 from sparsify.errors import ConfigError, SparsifyError
+from sparsify.recipes import resolve_config_path
 from sparsify.yamlfile import apply_override, parse_yaml, read_text
 from sparsify.registry import CRITERIA, DATASETS, METHODS, PATTERNS, load_plugins
 
@@ -310,12 +311,13 @@ class RunConfig(_Section):
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read the YAML file (or start from defaults), apply overrides, validate strictly."""
+    """Read the YAML file or shipped recipe (or start from defaults), apply overrides, validate strictly."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)  # a file, or a shipped recipe's name
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass -c PATH to a YAML file")
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass -c PATH to a YAML file "
+                              "or a shipped recipe's name (`sparsify recipes` lists them)")
         data = parse_yaml(read_text(path), source=str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
