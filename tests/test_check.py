@@ -128,3 +128,43 @@ def test_a_file_without_masks_needs_a_pattern_and_nothing_to_check_fails(tmp_pat
     assert code == 1 and "no weight that pattern 2:4 applies to" in err
     code, _, err = invoke("check", path, "--pattern", "2:4:8")
     assert code == 1 and "N:M" in err
+
+
+def test_tensorrt_rule_on_hand_made_weights():
+    from sparsify.core.tensorrt import tensorrt_2to4
+
+    good = torch.tensor([[[1.0, 0, 2, 0, 0, 0, 0, 3]]]).movedim(-1, 1)  # (1, 8, 1): two groups, 2 and 3 zeros
+    assert tensorrt_2to4(good) == "yes"
+    assert tensorrt_2to4(torch.zeros(8, 16)) == "yes"
+    one_zero = good.clone()
+    one_zero[0, 1, 0] = 5.0  # the first group keeps 3 of 4
+    assert tensorrt_2to4(one_zero) == "no: 1 groups with fewer than 2 zeros"
+    assert tensorrt_2to4(torch.zeros(8, 6, 3, 3)) == "no: CIN 6 not a multiple of 4"
+    assert tensorrt_2to4(torch.randn(8, 16, 3, 3)) == "no: 288 groups with fewer than 2 zeros"  # 8 x 9 taps x 4
+
+
+def test_check_2to4_says_per_layer_whether_tensorrt_can_run_it(tmp_path):
+    torch.manual_seed(0)
+    state = {"good.weight": two_of_four(torch.randn(16, 16, 3, 3)),
+             "six.weight": two_of_four(torch.randn(8, 8, 3, 3))[:, :6].contiguous(),  # CIN 6: skipped by 2:4
+             "one.weight": two_of_four(torch.randn(16, 16, 3, 3)),
+             "fc.weight": two_of_four(torch.randn(8, 16))}
+    state["one.weight"][5, 8:12, 2, 0] = torch.tensor([1.0, 2.0, 0.0, 4.0])  # one group with a single zero
+    path = tmp_path / "sd.safetensors"
+    save_file(state, str(path))
+    code, out, err = invoke("check", path, "--pattern", "2:4", "--format", "json")
+    result = json.loads(out)
+    verdicts = {e["parameter"]: e["tensorrt"] for e in result["layers"] + result["skipped"]}
+    assert verdicts == {"good.weight": "yes", "fc.weight": "yes", "six.weight": "no: CIN 6 not a multiple of 4",
+                        "one.weight": "no: 1 groups with fewer than 2 zeros"}
+    assert result["tensorrt"]["layers"] == 4 and result["tensorrt"]["accelerable"] == 2
+    assert code == 1 and "one.weight does not follow 2:4" in err  # 3 nonzeros break 2:4 itself too
+    lines = invoke("check", path, "--pattern", "2:4")[1].splitlines()
+    assert any(line.startswith("  good.weight [16x16x3x3]") and line.endswith("ok; tensorrt 2:4: yes") for line in lines)
+    assert "  six.weight: not checked (needs COUT % 8 == 0 and CIN % 16 == 0 for 2:4 (has 8x6)); " \
+           "tensorrt 2:4: no: CIN 6 not a multiple of 4" in lines
+    assert any(line.startswith("  one.weight") and line.endswith("tensorrt 2:4: no: 1 groups with fewer than 2 zeros")
+               for line in lines)
+    assert lines[-2].startswith("tensorrt 2:4: 2 of 4 conv/Linear layers follow TensorRT's rule")
+    unpruned = invoke("check", path, "--pattern", "8x8", "--format", "json")[1]
+    assert "tensorrt" not in unpruned  # the column belongs to 2:4 only

@@ -155,14 +155,14 @@ def render(result: dict, fmt: str) -> str:
                      f"{_target_text(layer['target'])} {state}{_tensorrt_text(layer)}")
     for item in result["skipped"]:
         lines.append(f"  {item['parameter']}: not checked ({item['reason']}){_tensorrt_text(item)}")
-    word = "follows" if result["follows"] else "does NOT follow"
-    lines.append(f"{word} {result['pattern']}: {result['checked']} layers checked, {result['violating']} violating, "
-                 f"{len(result['skipped'])} not checked; sparsity of checked weights "
-                 f"{100 * result['sparsity']:.2f}%{_target_text(result['target'])}")
     if "tensorrt" in result:
         trt = result["tensorrt"]
         lines.append(f"tensorrt 2:4: {trt['accelerable']} of {trt['layers']} conv/Linear layers follow TensorRT's rule "
                      f"for sparse kernels ({trt['rule']})")
+    word = "follows" if result["follows"] else "does NOT follow"
+    lines.append(f"{word} {result['pattern']}: {result['checked']} layers checked, {result['violating']} violating, "
+                 f"{len(result['skipped'])} not checked; sparsity of checked weights "
+                 f"{100 * result['sparsity']:.2f}%{_target_text(result['target'])}")
     return "\n".join(lines)
 
 
