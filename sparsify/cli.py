@@ -26,7 +26,8 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML config of the run.", show_default=False)
+    Optional[Path], typer.Option("--config", "-c", help="YAML config of the run, or a shipped recipe's name "
+                                 "(`sparsify recipes`).", show_default=False)
 ]
 SetOption = Annotated[
     Optional[list[str]],
@@ -298,6 +299,40 @@ def export(
 
     run = RunDir(load(config, set_).run_dir)
     say(str(export_checkpoint(run, fmt=format_, checkpoint=checkpoint, output=output, verify=not no_verify)))
+
+
+recipes_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+@reports_errors
+def recipes(ctx: typer.Context) -> None:
+    """List the shipped recipes, one line each. `-c NAME` runs one as it is; `recipes copy NAME` writes one to edit."""
+    if ctx.invoked_subcommand is None:
+        from sparsify.recipes import list_recipes
+
+        found = list_recipes()
+        width = max(len(name) for name, _ in found)
+        say("\n".join(f"{name:<{width}}  {text}".rstrip() for name, text in found))
+
+
+@recipes_app.command("copy")
+@reports_errors
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="A shipped recipe (`sparsify recipes` lists them).")],
+    path: Annotated[Optional[Path], typer.Argument(help="File or folder to write (default: ./NAME.yaml).",
+                                                   show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a recipe to ./NAME.yaml or PATH to edit.
+
+    An existing file is kept unless --force.
+    """
+    from sparsify.recipes import copy_recipe
+
+    written = copy_recipe(name, path, force=force)
+    say(f"wrote {written}; edit it, then: sparsify run -c {written}")
 
 
 @app.command("config")
