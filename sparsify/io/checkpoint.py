@@ -4,25 +4,26 @@ File layout: tensor keys `model.<fqn>` for every state_dict entry, `mask.<fqn>` 
 entry per group) for each pruned weight and, for method gumbel, `gumbel.logits.<fqn>` and
 `gumbel.pruned.<fqn>`; every metadata value is JSON text. Writes are atomic
 (temporary file in the same folder, fsync, rename) and a run folder is locked by one command.
+
+Each byte is touched once per pass that needs it: a save writes the tensors' memory straight to
+the file while a second thread hashes the same memory; a load maps the file once, hashes the
+mapping in a second thread while the tensors (views into it) are checked for NaN/inf and for
+nonzeros inside pruned groups.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from sparsify.core.masks import check_masks
+from sparsify.core.masks import check_mask_shapes, check_masks
 from sparsify.core.patterns import build_pattern
 from sparsify.errors import CheckpointError
-from sparsify.io.files import _fsync_dir, _sha256_of_file, _temporary_path, new_file_mode
+from sparsify.io.tensorfile import MappedFile, read_header, write_tensor_file
 from sparsify.registry import METHODS
 
 FORMAT_VERSION = 1
@@ -53,9 +54,14 @@ def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 
 def nonfinite_entries(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors that hold NaN or inf (weights, BatchNorm statistics, ...)."""
+    """Names of the floating-point tensors that hold NaN or inf (weights, BatchNorm statistics, ...).
+
+    One reduction per tensor: a finite sum proves every element finite (NaN and inf propagate);
+    only a sum that is not finite (NaN, inf, or an overflow) is looked at element by element.
+    """
     return [name for name, tensor in tensors.items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum()))
+            and not bool(torch.isfinite(tensor).all())]
 
 
 def describe_nonfinite(names: list[str]) -> str:
@@ -65,7 +71,7 @@ def describe_nonfinite(names: list[str]) -> str:
 
 
 def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict, extra: dict | None = None) -> str:
-    """Atomically write a checkpoint; returns the file's sha256 (hashed while the file syncs).
+    """Atomically write a checkpoint; returns the file's sha256 (hashed while it is written).
 
     `extra` holds method tensors under their full keys (`gumbel.logits.<fqn>`, `gumbel.pruned.<fqn>`).
     """
@@ -79,37 +85,12 @@ def save_checkpoint(path: Path, state: dict, masks: dict, meta: dict, extra: dic
                               "the stage that made these values diverged (lower train.lr or set train.clip_grad_norm)")
     metadata = {key: json.dumps(value) for key, value in meta.items()}
     metadata["format"] = json.dumps(FORMAT_VERSION)
-    tmp = _temporary_path(path)
-    digest: list[str] = []
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        hasher = threading.Thread(target=_sha256_of_file, args=(tmp, digest))
-        hasher.start()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        hasher.join()
-        os.chmod(tmp, new_file_mode())  # like every other file of the run, not safetensors' 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return digest[0]
+    return write_tensor_file(Path(path), tensors, metadata, sha256=True)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The raw metadata of a safetensors file (reads only its header)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is truncated (only {len(head)} bytes); restore it or delete it")
-        (size,) = struct.unpack("<Q", head)
-        if size > os.fstat(f.fileno()).st_size - 8:
-            raise CheckpointError(f"{path} is truncated (its header says {size} bytes); restore it or delete it")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError:
-            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
-    return header.get("__metadata__") or {}
+    return read_header(path)[0].get("__metadata__") or {}
 
 
 def is_sparsify_metadata(raw: dict[str, str]) -> bool:
@@ -123,7 +104,7 @@ def is_sparsify_metadata(raw: dict[str, str]) -> bool:
 def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     try:
         meta = {key: json.loads(value) for key, value in raw.items()}
-    except ValueError:
+    except (ValueError, TypeError, AttributeError):  # not JSON text, or not a str -> str table
         raise CheckpointError(f"{path} has metadata that is not JSON; it was not written by sparsify") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(
@@ -132,24 +113,26 @@ def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     return meta
 
 
-def parse_checkpoint(path: Path) -> Checkpoint:
-    """Split a checkpoint file into state, masks, extra tensors and metadata, without checking masks."""
-    meta = decode_metadata(read_metadata(path), path)
-    try:
-        tensors = load_file(path)
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{path} is damaged or truncated ({exc}); restore it or delete it") from None
+def parse_checkpoint(path: Path, mapped: MappedFile | None = None) -> Checkpoint:
+    """Split a checkpoint file into state, masks, extra tensors and metadata, without checking masks.
+
+    State tensors are views into the file's mapping; masks and method tensors are small copies.
+    """
+    mapped = mapped or MappedFile(path)
+    header, data_start = mapped.header()
+    meta = decode_metadata(header.get("__metadata__") or {}, path)
+    tensors = mapped.tensors(header, data_start)
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
-    extra = {k: v for k, v in tensors.items() if not k.startswith(("model.", "mask."))}  # a method's tensors
+    masks = {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("mask.")}
+    extra = {k: v.clone() for k, v in tensors.items() if not k.startswith(("model.", "mask."))}  # a method's
     if masks and not isinstance(meta.get("pattern"), dict):
         raise CheckpointError(f"{path} has masks but no pattern in its metadata; it was not written by sparsify")
     return Checkpoint(Path(path), state, masks, meta, extra=extra)
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
+def read_checkpoint(path: Path, mapped: MappedFile | None = None) -> Checkpoint:
     """Parse and validate a checkpoint file (without its hash); CheckpointError if inconsistent."""
-    ckpt = parse_checkpoint(path)
+    ckpt = parse_checkpoint(path, mapped)
     state, masks, extra = ckpt.state, ckpt.masks, ckpt.extra
     bad = nonfinite_entries({**state, **extra})
     if bad:
@@ -158,10 +141,30 @@ def read_checkpoint(path: Path) -> Checkpoint:
             "Delete this file and every later checkpoint of the run to go back to the last good one, then "
             "train again with a lower train.lr (or train.clip_grad_norm, or amp: bf16 instead of fp16)")
     if masks:
-        check_masks(state, masks, build_pattern(ckpt.meta["pattern"]), source=path)
+        check_pruned_zeros(state, masks, build_pattern(ckpt.meta["pattern"]), source=path)
     if extra:
         check_method_tensors(state, masks, extra, source=path)
     return ckpt
+
+
+def check_pruned_zeros(state: dict, masks: dict, pattern, *, source) -> None:
+    """Refuse masks that do not fit their weights, or a nonzero (or NaN) weight inside a pruned group.
+
+    Per weight, one comparison with zero (a bool tensor, no float copy) summed over the groups;
+    only weights found drifting go through `check_masks`, which names them.
+    """
+    check_mask_shapes(state, masks, pattern)
+    drifted = [name for name, mask in masks.items() if _nonzero_in_pruned(state[name], mask, pattern)]
+    if drifted:
+        check_masks(state, {name: masks[name] for name in drifted}, pattern, source=source)
+
+
+def _nonzero_in_pruned(weight: torch.Tensor, mask: torch.Tensor, pattern) -> bool:
+    try:
+        counts = pattern.group_sum(weight.ne(0))
+    except (RuntimeError, TypeError):  # a pattern whose group_sum needs floating-point values
+        counts = pattern.group_sum(weight.abs())
+    return bool(counts.reshape(mask.shape)[~mask].any())
 
 
 def check_method_tensors(state: dict, masks: dict, extra: dict, *, source) -> None:
@@ -178,23 +181,19 @@ def check_method_tensors(state: dict, masks: dict, extra: dict, *, source) -> No
 def load_checkpoint(path: Path, *, expected_sha256: str | None = None) -> Checkpoint:
     """Read and check a checkpoint; with `expected_sha256`, refuse a file that was altered.
 
-    The file is hashed in a second thread while it is parsed and checked.
+    The file is mapped once and hashed in a second thread while it is parsed and checked.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    digest: list[str] = []
-    hasher = threading.Thread(target=_sha256_of_file, args=(path, digest))
-    hasher.start()
+    mapped = MappedFile(path, sha256=True)
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, mapped)
     except CheckpointError:
-        hasher.join()
-        _check_digest(path, digest[0], expected_sha256)
+        _check_digest(path, mapped.sha256(), expected_sha256)  # an altered file says so first
         raise
-    hasher.join()
-    _check_digest(path, digest[0], expected_sha256)
-    ckpt.sha256 = digest[0]
+    ckpt.sha256 = mapped.sha256()
+    _check_digest(path, ckpt.sha256, expected_sha256)
     return ckpt
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sparsify.errors import CheckpointError, RunLockedError
+from sparsify.io.files import append_bytes, write_failure
 
 _NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
 
@@ -34,6 +35,13 @@ class RunDir:
     def latest(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def make_checkpoints_dir(self) -> None:
+        """Create checkpoints/ if needed; WriteFailed when it cannot be made."""
+        try:
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failure(self.checkpoints_dir, exc) from None
 
     def next_checkpoint_path(self, round_: int, stage: str) -> Path:
         found = self.checkpoints()
@@ -74,12 +82,8 @@ class RunDir:
         return None
 
     def append_history(self, entry: dict) -> None:
-        """Append one JSON line and fsync it (a line is either whole or absent after a crash)."""
-        line = json.dumps(entry, sort_keys=False) + "\n"
-        with open(self.history_path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one JSON line and fsync it (whole or absent, also when the disk is full: WriteFailed)."""
+        append_bytes(self.history_path, (json.dumps(entry, sort_keys=False) + "\n").encode())
 
     def create(self) -> None:
         """Make the run folder, or say in one line why it cannot be made."""

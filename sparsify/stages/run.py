@@ -89,7 +89,7 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
                 model: nn.Module, masks: dict, round_: int, stage: str, metrics: dict,
                 started: float, extra_meta: dict | None = None, extra_tensors: dict | None = None) -> StageResult:
     """Save the stage's checkpoint and append its history line (`extra_tensors`: e.g. `gumbel.*`)."""
-    run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    run.make_checkpoints_dir()
     path = run.next_checkpoint_path(round_, stage)
     base = parent.meta if parent else {}
     pattern_spec = base.get("pattern") or config.sparsity.pattern.model_dump()
@@ -111,10 +111,13 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
     sha = save_checkpoint(path, state, masks, meta, extra=extra_tensors)
     sparsity = model_sparsity(state, masks, build_pattern(pattern_spec))
     seconds = time.perf_counter() - started
-    run.append_history({
-        "time": now(), "command": command, "round": round_, "stage": stage, "checkpoint": path.name,
-        "sha256": sha, "sparsity": round(sparsity, 6), "metrics": metrics, "seconds": round(seconds, 3),
-    })
+    entry = {"time": now(), "command": command, "round": round_, "stage": stage, "checkpoint": path.name,
+             "sha256": sha, "sparsity": round(sparsity, 6), "metrics": metrics, "seconds": round(seconds, 3)}
+    try:
+        run.append_history(entry)
+    except SparsifyError:  # no checkpoint without its history line: the next stage would take it unchecked
+        path.unlink(missing_ok=True)
+        raise
     return StageResult(command, round_, stage, path, sparsity, metrics, seconds)
 
 

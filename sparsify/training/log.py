@@ -8,6 +8,7 @@ row every `train.log_every` steps.
 from __future__ import annotations
 
 import csv
+import io
 import sys
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from sparsify.io.files import append_bytes, atomic_write_bytes
 from sparsify.training.distributed import current_info, reduce_sums
 from sparsify.errors import SparsifyError
 
@@ -133,13 +135,13 @@ def open_tensorboard(folder: Path):
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one row to the CSV log (header first when the file is new)."""
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """Append one row to the CSV log (header first when the file is new); WriteFailed takes it back whole."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    if not path.is_file():
+        writer.writeheader()
+    writer.writerow(row)
+    append_bytes(path, buffer.getvalue().encode(), sync=False)  # a log: the train-state is what resumes
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -160,11 +162,8 @@ def drop_rows_after(path: Path, *, start: str, step: int) -> None:
     kept = [r for r in rows if not (r["start"] == start and int(r["step"]) > step)]
     if len(kept) == len(rows):
         return
-    from sparsify.io.files import atomic_write_bytes
-    import io
-
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)  # the line ends append_row writes
     writer.writeheader()
     writer.writerows(kept)
     atomic_write_bytes(path, buffer.getvalue().encode())

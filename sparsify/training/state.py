@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from sparsify.io.checkpoint import _cpu_tensors, read_metadata
-from sparsify.io.files import atomic_write_bytes
+from sparsify.io.tensorfile import write_tensor_file
 from sparsify.errors import CheckpointError
 
 STATE_FORMAT = 1
@@ -116,7 +116,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_train_state(path: Path, state: TrainState) -> None:
-    """Write the train-state atomically (temporary file, fsync, rename)."""
+    """Write the train-state atomically (temporary file, fsync, rename); WriteFailed keeps the old one."""
     tensors: dict[str, torch.Tensor] = {}
     parts = flatten(state.parts, "part.", tensors)
     rng = flatten(state.rng, "rng.", tensors)
@@ -129,7 +129,7 @@ def save_train_state(path: Path, state: TrainState) -> None:
         "parts": parts, "rng": rng,
     }
     metadata = {key: json.dumps(value) for key, value in meta.items()}
-    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+    write_tensor_file(Path(path), tensors, metadata)
 
 
 def load_train_state(path: Path) -> TrainState:
