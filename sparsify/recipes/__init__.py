@@ -41,8 +41,12 @@ def description(text: str) -> str:
 
 
 def list_recipes() -> list[tuple[str, str]]:
-    """(name, description) of every shipped recipe."""
-    return [(name, description(recipe_path(name).read_text(encoding="utf-8"))) for name in recipe_names()]
+    """(name, description) of every shipped recipe; none found means an install without its package data."""
+    names = recipe_names()
+    if not names:
+        raise ConfigError(f"no recipe files in {recipe_folder()}: sparsify was installed without its package data; "
+                          "reinstall it (pip install --force-reinstall sparsify-cnn)")
+    return [(name, description(recipe_path(name).read_text(encoding="utf-8"))) for name in names]
 
 
 def is_recipe_name(value: str) -> bool:
