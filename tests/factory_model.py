@@ -55,3 +55,8 @@ def build_without_classes(channels: int) -> nn.Module:
 def build_empty(num_classes: int) -> nn.Module:
     """A model without parameters."""
     return nn.Sequential(nn.Flatten())
+
+
+def build_broken(num_classes: int) -> nn.Module:
+    """A factory with a bug of its own: it raises an exception that is not a SparsifyError."""
+    raise ValueError(f"no layout for {num_classes} classes")

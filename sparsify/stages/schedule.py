@@ -51,7 +51,7 @@ def schedule_stages(config: RunConfig, *, echo=log) -> list[StageResult]:
     run = RunDir(config.run_dir)
     sched = config.schedule
     for _ in range(2 * sched.max_rounds + 4):
-        step = next_step(run, config)
+        step = run_on_main(next_step, run, config)  # every rank follows rank 0's reading of the run folder
         if step == "done":
             return results
         if step == "download":

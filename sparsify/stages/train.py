@@ -17,7 +17,8 @@ from sparsify.methods.activations import activation_callbacks
 from sparsify.methods.base import callbacks_for, stage_meta, stage_tensors
 from sparsify.rounds.rewind import rewind_callbacks
 from sparsify.stages.run import StageResult, check_same_run, checkpoint_loaders, save_resolved_config, write_stage
-from sparsify.training.distributed import distributed_session, main_holds, run_on_main
+from sparsify.training.distributed import (distributed_session, fails_together, main_holds, run_on_every_rank,
+                                           run_on_main)
 from sparsify.training.stage import METRICS_CSV, TRAIN_STATE, finetune
 
 
@@ -27,19 +28,21 @@ def train(config: RunConfig, *, epochs: int | None = None, stage: str = "trained
         run = RunDir(config.run_dir)
         with main_holds(run.lock(command)):
             started = time.perf_counter()
-            loaded = load_run(run)
-            meta = loaded.checkpoint.meta
-            check_same_run(config, meta)
-            n_epochs = epochs or config.train.epochs
-            log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}"
-                f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked layers, "
-                f"{torch.get_num_threads()} CPU thread(s)")
-            callbacks = callbacks_for(config, loaded.model, parent_meta=meta, extra={
-                "trainable": config.train.trainable, "parent_tensors": loaded.checkpoint.extra})
-            callbacks += activation_callbacks(config.activations, seed=config.seed)
-            callbacks += rewind_callbacks(config, run, loaded.checkpoint)  # rewind: {epoch: E} saves in round 0
-            make_loaders = partial(checkpoint_loaders, config, meta, pin_memory=device.type == "cuda",
-                                   rank=info.rank, world_size=info.world_size)
+            with fails_together():  # every rank loads the checkpoint: a rank that cannot stops them all
+                loaded = load_run(run)
+                meta = loaded.checkpoint.meta
+                check_same_run(config, meta)
+                n_epochs = epochs or config.train.epochs
+                log(f"{command}: round {meta['round']}, {n_epochs} epoch(s) on {device}"
+                    f"{f' x {info.world_size} processes' if info.active else ''}, {len(loaded.masks)} masked "
+                    f"layers, {torch.get_num_threads()} CPU thread(s)")
+                callbacks = callbacks_for(config, loaded.model, parent_meta=meta, extra={
+                    "trainable": config.train.trainable, "parent_tensors": loaded.checkpoint.extra})
+                callbacks += activation_callbacks(config.activations, seed=config.seed)
+                callbacks += rewind_callbacks(config, run, loaded.checkpoint)  # rewind: {epoch: E} saves in round 0
+            make_loaders = partial(run_on_every_rank, partial(  # a rank whose data fails stops them all
+                checkpoint_loaders, config, meta, pin_memory=device.type == "cuda", rank=info.rank,
+                world_size=info.world_size))
             with forgets_rows_if_failed(run, loaded.checkpoint, main=info.is_main):
                 done = finetune(config, run, loaded, make_loaders=make_loaders, epochs=n_epochs, device=device,
                                 info=info, log=log, callbacks=callbacks)

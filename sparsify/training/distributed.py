@@ -5,20 +5,33 @@ WORLD_SIZE, RANK and LOCAL_RANK; `setup_distributed` reads them and joins the gr
 CUDA, gloo on CPU). Without them everything here is a no-op for a single process, so the
 same code path trains on one CPU and on many GPUs. `launch` is what `--nproc N` runs: the
 launcher of torch.distributed itself (`torch.distributed.run`), not a spawner of our own.
+
+Wherever ranks wait for each other around work that can fail (rank 0 taking the run lock,
+downloading, pruning, writing; every rank loading the checkpoint), the failure is handed to every
+rank as a status (`run_on_main`, `fails_together`), so all of them stop with the same message
+instead of waiting in a collective for a rank that has stopped.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
-from contextlib import contextmanager
+import pickle
+import traceback
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from sparsify.errors import MaskDivergenceError, SparsifyError
+
+LEAVE_TIMEOUT_S = 30  # at exit after a failure on every rank: how long a rank waits for the others
+_EVERY_RANK = "sparsify_raised_on_every_rank"
+_control = None  # the gloo group of statuses (None: the default group, e.g. one the caller set up)
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,13 @@ def pick_device(name: str, info: DistInfo) -> torch.device:
 
 @contextmanager
 def distributed_session(device_name: str) -> Iterator[tuple[DistInfo, torch.device]]:
-    """Join torchrun's process group for the duration of a command (no-op for one process)."""
+    """Join torchrun's process group for the duration of a command (no-op for one process).
+
+    Beside the job's group (nccl on CUDA, gloo on CPU) a gloo group carries the statuses ranks
+    wait on (`run_on_main`, `fails_together`): CPU objects, and torch's gloo timeout (30 min)
+    rather than nccl's shorter one while rank 0 prunes or downloads.
+    """
+    global _control
     info = env_dist_info()
     if not info.active or dist.is_initialized():
         yield (current_info() if info.active else info), pick_device(device_name, info)
@@ -90,16 +109,42 @@ def distributed_session(device_name: str) -> Iterator[tuple[DistInfo, torch.devi
     device = pick_device(device_name, info)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    _control = dist.new_group(backend="gloo")
     try:
         yield info, device
         barrier()  # every rank waits for rank 0 to finish writing
-    finally:
-        dist.destroy_process_group()
+    except BaseException as exc:
+        if getattr(exc, _EVERY_RANK, False):  # every rank raises it: leave once each has printed it
+            atexit.register(leave_together)
+            raise
+        close_session()
+        raise
+    close_session()
+
+
+def close_session() -> None:
+    global _control
+    _control = None
+    dist.destroy_process_group()
+
+
+def leave_together() -> None:
+    """At exit, after a failure every rank raised (and printed): wait for the others, then close.
+
+    torchrun stops every process as soon as one exits with an error, so a rank that exited first
+    could cut off the message of another one still printing it.
+    """
+    try:
+        dist.monitored_barrier(group=_control, timeout=timedelta(seconds=LEAVE_TIMEOUT_S))
+    except Exception:  # a rank that is gone already: nothing left to wait for
+        pass
+    close_session()
 
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with peers_lost_as_error():
+            dist.barrier()
 
 
 def reduce_sums(values: list[float], device: torch.device) -> list[float]:
@@ -122,32 +167,144 @@ def gather_objects(obj) -> list:
 
 @contextmanager
 def main_holds(lock) -> Iterator[None]:
-    """Rank 0 holds the context manager `lock` (the run lock); the other ranks wait for it."""
-    if current_info().is_main:
-        with lock:
-            barrier()
-            yield
-    else:
-        barrier()
+    """Rank 0 holds the context manager `lock` (the run lock) while every rank runs the block.
+
+    When taking it fails (the run is locked, the folder is missing, ...), every rank raises that error.
+    """
+    with ExitStack() as stack:
+        run_on_main(stack.enter_context, lock)
         yield
 
 
 def run_on_main(func: Callable, *args, **kwargs):
-    """Run `func` on rank 0 only and hand its result (or its SparsifyError) to every rank."""
+    """Run `func` on rank 0 only and hand its result, or its exception, to every rank.
+
+    Rank 0 raises its own exception; the others raise it too (a SparsifyError as itself, any other
+    exception as a SparsifyError reading like the last line of rank 0's traceback, an interrupt
+    as KeyboardInterrupt), so no rank goes on waiting for a rank 0 that has stopped.
+    """
     info = current_info()
     if not info.active:
         return func(*args, **kwargs)
     box: list = [None]
+    mine = result = None
     if info.is_main:
         try:
-            box[0] = ("ok", func(*args, **kwargs))
-        except SparsifyError as exc:
-            box[0] = ("error", exc)
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise value
-    return value
+            result = func(*args, **kwargs)
+            box[0] = ("ok", pickle.dumps(result))  # pickled here: a result that cannot travel is rank 0's error
+        except BaseException as exc:
+            mine, box[0] = exc, failure_of(exc)
+    try:
+        with peers_lost_as_error():
+            dist.broadcast_object_list(box, src=0, group=_control)
+    except SparsifyError:
+        if mine is not None:
+            raise mine from None
+        raise
+    if mine is not None:
+        raise on_every_rank(mine)
+    status = box[0]
+    if status[0] == "ok":
+        return result if info.is_main else pickle.loads(status[1])
+    raise on_every_rank(rebuild_failure(status)) from None
+
+
+@contextmanager
+def fails_together() -> Iterator[None]:
+    """Every rank runs the block; when it raises on any rank, it raises on every rank.
+
+    A rank whose block failed raises its own exception; the others raise that of the lowest failing
+    rank. The block must not wait for the other ranks itself (no collective inside): a rank that
+    failed before it would never reach it.
+    """
+    if not current_info().active:
+        yield
+        return
+    mine = None
+    try:
+        yield
+    except BaseException as exc:
+        mine = exc
+    try:
+        with peers_lost_as_error():
+            per_rank: list = [None] * dist.get_world_size(group=_control)
+            dist.all_gather_object(per_rank, None if mine is None else failure_of(mine), group=_control)
+    except SparsifyError:
+        if mine is not None:
+            raise mine from None
+        raise
+    if mine is not None:
+        raise on_every_rank(mine)
+    failed = [status for status in per_rank if status is not None]
+    if failed:
+        raise on_every_rank(rebuild_failure(failed[0])) from None
+
+
+def run_on_every_rank(func: Callable, *args, **kwargs):
+    """`func(*args, **kwargs)` on every rank; when it raises on one, it raises on all (`fails_together`)."""
+    with fails_together():
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- failures handed between ranks
+
+
+def exception_line(exc: BaseException) -> str:
+    """What Python prints as the end of the traceback of `exc`: 'ValueError: message'."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def failure_of(exc: BaseException) -> tuple:
+    """`exc` as a status another rank can raise again (plain values: it crosses a process group)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return ("interrupt",)
+    if isinstance(exc, SystemExit):
+        return ("exit", exc.code if exc.code is None or isinstance(exc.code, int) else str(exc.code))
+    if isinstance(exc, SparsifyError):
+        try:
+            payload = pickle.dumps(exc)
+        except Exception:  # an error class with unpicklable attributes travels as its message
+            payload = None
+        return ("error", str(exc), int(exc.exit_code), payload)
+    return ("error", exception_line(exc), 1, None)
+
+
+def rebuild_failure(status: tuple) -> BaseException:
+    """The exception a rank raises for another rank's `failure_of` status."""
+    kind = status[0]
+    if kind == "interrupt":
+        return KeyboardInterrupt()
+    if kind == "exit":
+        return SystemExit(status[1])
+    _, message, exit_code, payload = status
+    if payload is not None:
+        try:
+            return pickle.loads(payload)
+        except Exception:  # e.g. a class whose __init__ wants more than the message
+            pass
+    error = SparsifyError(message)
+    error.exit_code = exit_code
+    return error
+
+
+def on_every_rank(exc: BaseException) -> BaseException:
+    """Mark `exc` as raised on every rank, so the session closes only once each rank has printed it."""
+    try:
+        setattr(exc, _EVERY_RANK, True)
+    except AttributeError:  # an exception type without attributes is left unmarked
+        pass
+    return exc
+
+
+@contextmanager
+def peers_lost_as_error() -> Iterator[None]:
+    """A collective that fails because another process stopped (or timed out) as one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SparsifyError(f"another process of this job stopped while this one waited for it ({first}); "
+                            "its own error is above or in its log") from None
 
 
 # ---------------------------------------------------------------- masks on every rank

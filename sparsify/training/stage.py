@@ -19,7 +19,7 @@ from torch import nn
 from sparsify.io.checkpoint import describe_nonfinite, nonfinite_entries
 from sparsify.io.rundir import RunDir
 from sparsify.config import RunConfig, config_hash
-from sparsify.training.distributed import DistInfo, barrier, check_masks_agree, gather_objects, reduce_sums
+from sparsify.training.distributed import DistInfo, check_masks_agree, gather_objects, reduce_sums, run_on_main
 from sparsify.errors import CheckpointError, SparsifyError, TrainingDiverged
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
 from sparsify.core.patterns import build_pattern
@@ -164,12 +164,10 @@ def make_saver(path: Path, identity: dict, info: DistInfo, pattern) -> Callable[
         check_finite(trainer.model, trainer.device, where=f"epoch {position.epoch + 1}, step {position.step}")
         check_no_drift(trainer.model, trainer.enforcer, pattern, rank=info.rank)
         check_masks_agree(trainer.enforcer.masks)
-        if info.is_main:
-            save_train_state(path, TrainState(
-                **identity, world_size=info.world_size, epoch=position.epoch, batch=position.batch,
-                step=position.step, model=trainer.model.state_dict(), masks=dict(trainer.enforcer.masks),
-                parts=trainer.parts(), rng=rng))
-        barrier()
+        run_on_main(lambda: save_train_state(path, TrainState(  # a failed write stops every rank
+            **identity, world_size=info.world_size, epoch=position.epoch, batch=position.batch,
+            step=position.step, model=trainer.model.state_dict(), masks=dict(trainer.enforcer.masks),
+            parts=trainer.parts(), rng=rng)))
 
     return save
 
