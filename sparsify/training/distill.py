@@ -50,12 +50,15 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, ce: torch.Tensor,
 
 @dataclass(frozen=True)
 class Distiller:
-    """A frozen teacher and the weights of the distillation loss."""
+    """A teacher (frozen when the Distiller is made: eval mode, no gradients) and the loss weights."""
 
     teacher: nn.Module
     alpha: float = 0.5
     temperature: float = 4.0
     name: str = ""  # the teacher's checkpoint file, for logs
+
+    def __post_init__(self) -> None:
+        freeze_(self.teacher)
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -136,7 +139,7 @@ def build_distiller(run: RunDir, student: Checkpoint, *, teacher: str, alpha: fl
         path = Path(teacher)
         model = load_teacher_file(path, student.meta)
         what = "a checkpoint file"
-    model = freeze_(model.to(device))
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     log(f"train.distill: teacher {path.name} ({what}), alpha {alpha:g}, temperature {temperature:g}")
