@@ -1,7 +1,9 @@
-"""Models by name: built-in small ResNets, torchvision classifiers, or a user factory.
+"""Models by name: built-in small ResNets, torchvision classifiers, timm models (`timm/<name>`), or a
+user factory.
 
-Weights come from torchvision's own download API (cached under $TORCH_HOME/hub/checkpoints) or
-from a local `.safetensors` / `.pth` file; nothing on the load path unpickles arbitrary objects.
+Weights come from torchvision's own download API (cached under $TORCH_HOME/hub/checkpoints), from
+timm's Hugging Face repositories (cached under $HF_HOME/hub), or from a local `.safetensors` /
+`.pth` file; nothing on the load path unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -25,12 +27,19 @@ from sparsify.models.tvmodels import (
     is_torchvision_arch,
     resolve_weights,
 )
+from sparsify.models.timmmodels import (
+    build_pretrained_timm,
+    build_timm,
+    is_timm_arch,
+    timm_data_config,
+    timm_input_size,
+)
 from sparsify.models.weights import WEIGHT_FILE_SUFFIXES, load_weights_file
 from sparsify.registry import MODELS
 
 UNKNOWN_ARCH_HINT = (
     "use a torchvision classification model (e.g. resnet50, inception_v3, convnext_tiny), "
-    "a built-in one (tiny_resnet, small_resnet) or pkg.module:factory"
+    "a timm model as timm/<name> (e.g. timm/resnet50d), a built-in one (tiny_resnet, small_resnet) or pkg.module:factory"
 )
 
 
@@ -58,6 +67,10 @@ def build_model(
         model = MODELS.get(arch)(num_classes, in_channels)
     elif ":" in arch:
         model = call_factory(arch, num_classes=num_classes, in_channels=in_channels)
+    elif is_timm_arch(arch):
+        if weights is not None and not looks_like_file(weights):
+            return build_pretrained_timm(arch, weights, num_classes=num_classes, in_channels=in_channels, log=log)
+        model = build_timm(arch, num_classes=num_classes, in_channels=in_channels)
     elif is_torchvision_arch(arch):
         check_torchvision_channels(arch, in_channels)
         if weights is not None and not looks_like_file(weights):
@@ -78,6 +91,11 @@ def build_model(
 def looks_like_file(weights: str) -> bool:
     """True when `weights` is meant as a path (a known suffix or a folder separator)."""
     return weights.endswith(WEIGHT_FILE_SUFFIXES) or "/" in weights or "\\" in weights
+
+
+def named_weights(weights: str | None) -> str | None:
+    """`weights` when it names pretrained weights, None for a file or no weights."""
+    return None if weights is None or looks_like_file(weights) else weights
 
 
 def call_factory(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
@@ -133,6 +151,8 @@ def accepts_keyword(func: Callable, name: str) -> bool:
 
 def default_input_size(arch: str, *, weights: str | None = None) -> int | None:
     """The image size `arch` expects: its named weights' crop (DEFAULT's without), or None."""
+    if is_timm_arch(arch):
+        return timm_input_size(arch, named_weights(weights))
     if arch in MODELS or ":" in arch or not is_torchvision_arch(arch):
         return None
     if arch.startswith(FIXED_SIZE_PREFIXES) and (weights is None or looks_like_file(weights)):
@@ -163,8 +183,11 @@ def image_preset(arch: str, *, weights: str | None, input_size: int):
     None for models without torchvision weights (the data side then uses ImageNet's defaults).
     With an input size other than the weights' crop, the resize keeps the weights' ratio.
     """
-    from sparsify.data.presets import ImagePreset
+    from sparsify.data.presets import ImagePreset, timm_preset
 
+    if is_timm_arch(arch):
+        config = timm_data_config(arch, named_weights(weights))
+        return timm_preset(config, input_size) if config else None
     if arch in MODELS or ":" in arch or not is_torchvision_arch(arch):
         return None
     found = preset_weights(arch, weights)
@@ -183,7 +206,9 @@ def image_preset(arch: str, *, weights: str | None, input_size: int):
 
 
 def default_in_channels(arch: str) -> int | None:
-    """The input channel count `arch` requires (3 for torchvision models), or None if free."""
+    """The input channel count `arch` starts from (3 for torchvision and timm models), or None if free."""
+    if is_timm_arch(arch):
+        return 3
     if arch in MODELS or ":" in arch:
         return None
     return 3 if is_torchvision_arch(arch) else None
