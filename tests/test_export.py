@@ -185,3 +185,19 @@ def test_onnx_export_without_onnxruntime(onnx_run, monkeypatch, tmp_path):
     code, out, err = invoke("export", "-c", config, "--format", "onnx", "-o", tmp_path / "m.onnx", "--no-verify")
     assert code == 0 and out.strip() == str(tmp_path / "m.onnx") and (tmp_path / "m.onnx").stat().st_size > 10_000
     assert "onnx: not verified (--no-verify)" in err and "onnx: TensorRT 2:4: 8 of 10" in err
+
+
+def test_a_linear_weight_held_transposed_is_found_by_shape_and_zeros():
+    """convnext's Linear layers reach the graph as MatMul constants (CIN, COUT) under generated names."""
+    from sparsify.errors import SparsifyError
+    from sparsify.io.onnx_check import check_zeros
+
+    weight = np.arange(1.0, 97.0, dtype=np.float32).reshape(8, 12)
+    zeros = np.zeros((8, 12), dtype=bool)
+    zeros[:, ::2] = True
+    weight[zeros] = 0.0
+    other = np.ones((12, 8), dtype=np.float32)  # same transposed shape, no zeros: not taken for it
+    assert check_zeros({"val_1": other, "val_5": weight.T.copy()}, {"fc.weight": zeros}).startswith(
+        "onnx: pruned zeros kept: 48 masked weights of 1 layers")
+    with pytest.raises(SparsifyError, match="lost pruned zeros: 48 weights of fc.weight"):
+        check_zeros({"val_1": other}, {"fc.weight": zeros})

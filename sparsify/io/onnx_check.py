@@ -101,15 +101,18 @@ def onnxruntime_outputs(data: bytes, batch: torch.Tensor) -> list[np.ndarray]:
 def largest_difference(expected: list[np.ndarray], got: list[np.ndarray], tolerance: Tolerance) -> tuple[float, bool]:
     """(max |got - expected| over all outputs, whether every element is within `tolerance`)."""
     if len(expected) != len(got) or any(e.shape != g.shape for e, g in zip(expected, got)):
-        shapes = lambda arrays: ", ".join("x".join(map(str, a.shape)) for a in arrays)  # noqa: E731
-        raise SparsifyError(f"the ONNX graph returns outputs of shapes [{shapes(got)}] where PyTorch returns "
-                            f"[{shapes(expected)}]; nothing written")
-    worst, within = 0.0, True
+        raise SparsifyError(f"the ONNX graph returns outputs of shapes [{shape_list(got)}] where PyTorch returns "
+                            f"[{shape_list(expected)}]; nothing written")
+    largest, within = [0.0], True
     for e, g in zip(expected, got):
         diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
-        worst = max(worst, float(diff.max(initial=0.0)))
+        largest.append(diff.max(initial=0.0))
         within &= bool((diff <= tolerance.atol + tolerance.rtol * np.abs(e)).all())
-    return worst, within
+    return float(np.max(largest)), within  # NaN anywhere shows as nan
+
+
+def shape_list(arrays: list[np.ndarray]) -> str:
+    return ", ".join("x".join(map(str, a.shape)) for a in arrays)
 
 
 def verify_outputs(data: bytes, model: nn.Module, batch: torch.Tensor, *, tolerance: Tolerance = FP32) -> str:
