@@ -21,7 +21,7 @@ from sparsify.recipes import description, recipe_folder, recipe_names
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ["inception_v3", "lenet5_imp_regroup", "quickstart", "resnet18_gumbel24", "resnet50", "resnet50_2to4",
-            "wrn28_2_dsr"]
+            "timm_resnet50d", "wrn28_2_dsr"]
 
 
 def test_the_recipes_are_the_yaml_files_of_the_package_folder():
