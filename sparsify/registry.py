@@ -1,12 +1,13 @@
 """Registries: one name -> implementation table per extension point, filled by decorators.
 
-Every extension point (patterns, criteria, methods, models, exporters, datasets) has its registry here,
-at the bottom of the package, so any layer can look names up. Entries are registered by the
-modules that define them: the built-in modules listed in BUILTINS, the modules named in a
+Every extension point (patterns, criteria, methods, models, exporters, datasets, executors) has its
+registry here, at the bottom of the package, so any layer can look names up. Entries are registered
+by the modules that define them: the built-in modules listed in BUILTINS, the modules named in a
 config's `plugins:`, and the entry points of installed distributions (groups
 `sparsify.patterns`, `sparsify.criteria`, `sparsify.methods`, `sparsify.models`,
-`sparsify.exporters`, `sparsify.datasets`). A registry imports its built-in modules and entry points the first time
-it is asked for a name, so looking up a method does not import the models.
+`sparsify.exporters`, `sparsify.datasets`, `sparsify.executors`). A registry imports its built-in
+modules and entry points the first time it is asked for a name, so looking up a method does not
+import the models.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ BUILTINS: dict[str, tuple[str, ...]] = {  # modules that register the built-in e
     "model": ("sparsify.models",),
     "exporter": ("sparsify.io.export",),
     "dataset": ("sparsify.data.sources",),
+    "executor": ("sparsify.runtime.dense", "sparsify.runtime.bsr", "sparsify.runtime.blockgemm",
+                 "sparsify.runtime.semistructured"),
 }
 
 
@@ -92,6 +95,7 @@ METHODS: Registry[type] = Registry("method")
 MODELS: Registry[Callable] = Registry("model")
 EXPORTERS: Registry[type] = Registry("exporter")
 DATASETS: Registry[type] = Registry("dataset")
+EXECUTORS: Registry[type] = Registry("executor")
 
 
 def load_plugins(modules: list[str]) -> None:

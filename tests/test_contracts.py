@@ -1,5 +1,5 @@
-"""Contract tests over the registries: every pattern, criterion, method, exporter and dataset registered
-when the package loads is held to the same rules, so a new entry gets these tests for free."""
+"""Contract tests over the registries: every pattern, criterion, method, exporter, dataset and executor
+registered when the package loads is held to the same rules, so a new entry gets these tests for free."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from sparsify.core.patterns import build_pattern
 from sparsify.core.prune import PruneSettings, prune_round
 from sparsify.errors import ConfigError, SparsifyError
 from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
-from sparsify.registry import CRITERIA, DATASETS, EXPORTERS, METHODS, PATTERNS
+from sparsify.registry import CRITERIA, DATASETS, EXECUTORS, EXPORTERS, METHODS, PATTERNS
 
 PATTERN_NAMES, CRITERION_NAMES = PATTERNS.names(), CRITERIA.names()
 METHOD_NAMES, EXPORTER_NAMES, DATASET_NAMES = METHODS.names(), EXPORTERS.names(), DATASETS.names()
+EXECUTOR_NAMES = EXECUTORS.names()
 
 
 def tiny_layers() -> nn.Sequential:
@@ -144,3 +145,62 @@ def test_every_dataset_builds_splits_its_info_describes(name):
     images, labels = next(iter(train))
     assert tuple(images.shape[1:]) == (info.in_channels, info.input_size, info.input_size)
     assert int(labels.max()) < info.num_classes and len(val) > 0
+
+
+EXECUTOR_LAYERS = {  # tiny layers: short tail blocks (CIN or COUT not a multiple of 8), stride, padding, bias
+    "conv3x3-tail-bias": lambda: nn.Conv2d(12, 20, 3, padding=1),
+    "conv3x3-stride2": lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False),
+    "conv1x1": lambda: nn.Conv2d(16, 32, 1, bias=False),
+    "conv1x1-stride2-tail": lambda: nn.Conv2d(16, 13, 1, stride=2),
+    "conv5x5-dilated": lambda: nn.Conv2d(8, 16, 5, padding=4, dilation=2),
+    "conv-valid": lambda: nn.Conv2d(16, 16, (3, 1), stride=(2, 1)),
+    "linear-tail": lambda: nn.Linear(40, 20),
+    "depthwise": lambda: nn.Conv2d(16, 16, 3, padding=1, groups=16),
+}
+
+
+def executor_masks(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An 8x8 block mask, a regrouped one (rows in groups sharing columns, one odd row) and an unstructured one."""
+    from sparsify.core.block import BlockPattern
+
+    g = torch.Generator().manual_seed(3)
+    shape = tuple(weight.shape)
+    pattern = BlockPattern(8, 8)
+    blocks = pattern.expand(torch.rand(pattern.mask_shape(shape), generator=g) < 0.5, shape)
+    cout, columns = shape[0], weight[0].numel()
+    regrouped = torch.zeros(cout, columns, dtype=torch.bool)
+    for rows in torch.randperm(cout, generator=g).chunk(3):
+        regrouped[rows[:, None], torch.randperm(columns, generator=g)[: max(1, columns // 4)][None]] = True
+    regrouped[0] = torch.rand(columns, generator=g) < 0.3
+    return {"block": blocks, "regrouped": regrouped.reshape(shape),
+            "unstructured": torch.rand(shape, generator=g) < 0.2}
+
+
+@pytest.mark.parametrize("layer_name", list(EXECUTOR_LAYERS))
+@pytest.mark.parametrize("name", EXECUTOR_NAMES)
+def test_every_executor_matches_dense_in_test_mode_or_says_why_not(name, layer_name):
+    from sparsify.runtime.layer import TOLERANCES, SparseLayer
+
+    ran = []
+    for kind, mask in executor_masks(EXECUTOR_LAYERS[layer_name]().weight).items():
+        torch.manual_seed(0)
+        module = EXECUTOR_LAYERS[layer_name]()
+        layer = SparseLayer(module, mask, name=layer_name)
+        reason = EXECUTORS.get(name)().applies(module, mask, torch.device("cpu"), torch.float32)
+        if reason:
+            assert isinstance(reason, str) and reason and "\n" not in reason
+            with pytest.raises(SparsifyError, match="cannot run layer"):
+                layer.use(name)
+            continue
+        layer.use(name)
+        layer.mode = "test"  # raises when the executor's output differs from dense's
+        for batch in (1, 3):
+            x = torch.randn(batch, 40) if isinstance(module, nn.Linear) else torch.randn(batch, module.in_channels, 9, 11)
+            out = layer(x)
+            rtol, share = TOLERANCES[torch.float32]
+            with torch.no_grad():
+                ref = module(x)
+            assert torch.allclose(out, ref, rtol=rtol, atol=share * max(1.0, float(ref.abs().max())))
+        ran.append(kind)
+    if not ran:
+        pytest.skip(f"{name} applies to none of the masks of {layer_name}: {reason}")

@@ -20,7 +20,7 @@ LAYERS = [
     ["models"],  # build by name, weights, the built-in zoo
     ["io"],  # checkpoints, the run folder, exporters
     ["training"],  # the loop, its log, resume state, EMA, torch.distributed plumbing, the train stage
-    ["methods", "rounds"],  # how masks behave while training; prune-round hooks (permute, regroup, rewind)
+    ["methods", "rounds", "runtime"],  # how masks behave while training; prune-round hooks; sparse execution
     ["stages"],  # download, prune, train, eval, run: short recipes over everything below
     ["report"],  # tables, checks and figures of a run
     ["cli", "__main__"],  # the command line

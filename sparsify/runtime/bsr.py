@@ -1,0 +1,131 @@
+"""Executor bsr: the weight matrix as a torch block-sparse (BSR) tensor times the implicit im2col.
+
+Rows keeping the same columns are put next to each other, and columns kept by the same rows too,
+so an 8x8 block mask and a regrouped mask both become square b x b tiles (MKL, torch's CPU BSR
+backend, takes square blocks only). The largest b of 8, 4, 2 whose tiles store at most
+`fill_limit` times the kept weights is used; a mask without such tiles (plain unstructured) is
+refused. Columns nobody keeps are never gathered, rows that keep nothing get their bias. A 1x1
+conv with stride 1 and no padding (and a Linear) is a matmul over channels: its input is read in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsify.registry import EXECUTORS
+from sparsify.runtime.base import (
+    Executor, Geometry, as_batched_image, matrix_reason, restore_shape, sparse_beta_quiet, weight_matrix,
+)
+from sparsify.runtime.blocks import mask_matrix, row_groups
+from sparsify.runtime.im2col import Im2col, Rows, fill_rows_
+
+SIZES = (8, 4, 2)
+CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def grouped_order(labels: np.ndarray, size: int) -> np.ndarray:
+    """Indices sorted by label, labels whose count is not a multiple of `size` last (keeps tiles aligned)."""
+    counts = np.bincount(labels)
+    order = np.lexsort((np.arange(labels.size), labels, counts[labels] % size != 0))
+    return order
+
+
+def arrangement(matrix: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row order, column order (kept rows and columns only) and the rows that keep nothing."""
+    groups, empty = row_groups(matrix)
+    rows = np.concatenate([g.rows for g in groups]) if groups else np.zeros(0, dtype=np.int64)
+    row_labels = np.concatenate([np.full(g.rows.size, i) for i, g in enumerate(groups)]) if groups else rows
+    rows = rows[grouped_order(row_labels, size)] if rows.size else rows
+    used = np.flatnonzero(matrix.any(0))
+    membership = np.stack([np.isin(used, g.columns) for g in groups]) if groups else np.zeros((0, 0), dtype=bool)
+    _, column_labels = np.unique(np.packbits(membership, axis=0), axis=1, return_inverse=True) if groups \
+        else (None, np.zeros(0, dtype=np.int64))
+    columns = used[grouped_order(column_labels.reshape(-1), size)] if used.size else used
+    return rows, columns, empty
+
+
+def tiles(matrix: np.ndarray, size: int) -> int:
+    """How many size x size tiles of `matrix` (padded with zeros) hold a kept weight."""
+    rows, cols = -(-matrix.shape[0] // size) * size, -(-matrix.shape[1] // size) * size
+    padded = np.zeros((rows, cols), dtype=bool)
+    padded[: matrix.shape[0], : matrix.shape[1]] = matrix
+    return int(padded.reshape(rows // size, size, cols // size, size).any((1, 3)).sum())
+
+
+def block_layout(matrix: np.ndarray, fill_limit: float):
+    """(size, rows, columns, empty) of the largest tile size within the fill limit, or (None, fill) if none."""
+    kept = int(matrix.sum())
+    if kept == 0:
+        return None, float("inf")
+    best = float("inf")
+    for size in SIZES:
+        rows, columns, empty = arrangement(matrix, size)
+        fill = tiles(matrix[np.ix_(rows, columns)], size) * size * size / kept
+        if fill <= fill_limit:
+            return (size, rows, columns, empty), fill
+        best = min(best, fill)
+    return None, best
+
+
+@EXECUTORS.register("bsr")
+class Bsr(Executor):
+    """torch.sparse BSR matmul on the implicit im2col; square tiles from block and regrouped masks."""
+
+    name = "bsr"
+    fill_limit = 1.25  # stored tile entries per kept weight
+
+    def applies(self, module, mask, device, dtype) -> str | None:
+        reason = matrix_reason(module)
+        if reason:
+            return reason
+        if torch.device(device).type == "cpu" and dtype not in CPU_DTYPES:
+            return f"{dtype} on CPU: needs float32 or float64"
+        layout, fill = block_layout(mask_matrix(mask), self.fill_limit)
+        if layout is None:
+            return (f"the kept weights do not form square blocks: tiles of {'/'.join(map(str, SIZES))} would store "
+                    f"{fill:.2f} times the kept weights (at most {self.fill_limit})" if fill != float("inf")
+                    else "no kept weight")
+        return None
+
+    def prepare(self, module: nn.Module, mask: torch.Tensor) -> None:
+        self.geometry = Geometry.of(module)
+        matrix = mask_matrix(mask)
+        (self.size, rows, columns, empty), self.fill = block_layout(matrix, self.fill_limit)
+        device = module.weight.device
+        weights = weight_matrix(module) * torch.from_numpy(matrix).to(device, module.weight.dtype)
+        height, width = -(-rows.size // self.size) * self.size, -(-columns.size // self.size) * self.size
+        packed = weights.new_zeros(height, width)
+        packed[: rows.size, : columns.size] = weights[torch.from_numpy(rows)][:, torch.from_numpy(columns)]
+        with sparse_beta_quiet():
+            self.weight = packed.to_sparse_bsr((self.size, self.size))
+        self.columns = np.concatenate([columns, np.full(width - columns.size, columns[0])])  # padding: zero weights
+        self.rows = Rows(rows, device)
+        self.empty = Rows(empty, device)
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.row_bias = None if self.bias is None else self.bias[self.rows.index].unsqueeze(1)
+        self.plans: dict[tuple[int, int], tuple[Im2col, torch.Tensor]] = {}
+
+    def plan(self, height: int, width: int) -> tuple[Im2col, torch.Tensor]:
+        key = (height, width)
+        if key not in self.plans:
+            im2col = Im2col(self.geometry, height, width)
+            self.plans[key] = (im2col, im2col.index(self.columns, self.rows.index.device))
+        return self.plans[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images, lead = as_batched_image(x, self.geometry)
+        n = images.shape[0]
+        im2col, index = self.plan(images.shape[2], images.shape[3])
+        gathered = im2col.gather(im2col.view(im2col.buffer(images), n), index)
+        y = (self.weight @ gathered)[: self.rows.count]
+        if self.row_bias is not None:
+            y = y.add_(self.row_bias)
+        out = images.new_empty(n, self.geometry.out_channels, im2col.out_h, im2col.out_w)
+        self.rows.write_(out, im2col.output(y, n))
+        fill_rows_(out, self.empty, self.bias)
+        return restore_shape(out, lead, self.geometry)
+
+    def describe(self) -> str:
+        return f"{self.size}x{self.size} tiles storing {self.fill:.2f}x the kept weights"

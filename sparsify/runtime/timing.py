@@ -1,0 +1,96 @@
+"""Timing executors against each other: interleaved runs, medians, an adaptive number of repeats.
+
+Each round runs every candidate once, the order rotating from round to round, so a burst of load
+from another process hits all candidates alike; the median of the rounds is the figure. Rounds go
+on until `min_repeats` are done and the layer's time `budget_s` is spent, or `max_repeats` are
+done. A candidate more than `drop_factor` times slower than the baseline in both of the first two
+timed rounds is not timed again (it cannot win): calibrating a large model stays within seconds
+per layer.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+BASELINE = "dense"
+DROP_AFTER = 2  # timed rounds before the slow candidates are dropped
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """How long and how often each layer's candidates are timed, and the margin a winner needs."""
+
+    budget_s: float = 0.2  # timed rounds stop once this is spent (after min_repeats)
+    min_repeats: int = 3
+    max_repeats: int = 15
+    warmup: int = 1
+    margin: float = 0.03  # an executor replaces dense only when at least this much faster
+    drop_factor: float = 2.0
+
+
+@dataclass
+class Timings:
+    """Median milliseconds per candidate, and the candidates dropped after their first timed round."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    repeats: int = 0
+
+
+def time_candidates(candidates: dict[str, Callable[[], object]], settings: TimingSettings, *,
+                    sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter,
+                    baseline: str = BASELINE) -> Timings:
+    """Interleaved timing of `candidates` (name -> call); `sync` waits for queued device work."""
+    settings = replace(settings, min_repeats=max(1, min(settings.min_repeats, settings.max_repeats)))
+    for call in candidates.values():
+        for _ in range(settings.warmup):
+            call()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    active, result, spent = list(candidates), Timings(), 0.0
+    while result.repeats < settings.max_repeats:
+        start_round = clock()
+        shift = result.repeats % len(active)
+        for name in active[shift:] + active[:shift]:
+            start = clock()
+            candidates[name]()
+            sync()
+            samples[name].append(clock() - start)
+        spent += clock() - start_round
+        result.repeats += 1
+        if result.repeats == DROP_AFTER and baseline in samples:
+            active = keep_contenders(active, samples, settings.drop_factor, baseline, result.dropped)
+        if result.repeats >= settings.min_repeats and spent >= settings.budget_s:
+            break
+    result.ms = {name: statistics.median(samples[name]) * 1e3 for name in active}
+    return result
+
+
+def keep_contenders(active: list[str], samples: dict[str, list[float]], factor: float, baseline: str,
+                    dropped: dict[str, str]) -> list[str]:
+    """The candidates still worth timing after the first rounds; the others get a reason in `dropped`."""
+    limit = factor * min(samples[baseline])
+    kept = []
+    for name in active:
+        if name != baseline and min(samples[name]) > limit:
+            dropped[name] = (f"{min(samples[name]) * 1e3:.3g} ms at best in {len(samples[name])} timed runs, "
+                             f"over {factor:g}x {baseline}")
+        else:
+            kept.append(name)
+    return kept
+
+
+def pick(ms: dict[str, float], margin: float, baseline: str = BASELINE) -> tuple[str, str]:
+    """The executor to keep and why: the fastest, if it beats the baseline by `margin`, else the baseline."""
+    base = ms[baseline]
+    best = min(ms, key=lambda name: (ms[name], name != baseline))
+    if best == baseline:
+        return baseline, f"{baseline} was fastest ({base:.3g} ms)"
+    speedup = base / ms[best]
+    if ms[best] <= (1 - margin) * base:
+        return best, f"{speedup:.2f}x faster than {baseline} ({ms[best]:.3g} vs {base:.3g} ms)"
+    return baseline, (f"{best} was only {1 - ms[best] / base:.1%} faster than {baseline} "
+                      f"(a winner needs {margin:.0%})")
