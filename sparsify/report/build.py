@@ -15,6 +15,7 @@ from sparsify.core.prune import find_layers
 from sparsify.errors import SparsifyError
 from sparsify.io.checkpoint import load_checkpoint
 from sparsify.io.rundir import RunDir
+from sparsify.report.bench import bench_summary
 
 LAYER_COLUMNS = ["parameter", "shape", "pattern", "groups_kept", "groups", "sparsity", "change", "eligible"]
 SUMMARY_COLUMNS = ["# total parameters", "# sparse parameters", "# dense parameters",
@@ -67,6 +68,7 @@ def build_report(target: Path) -> dict:
         "problems": problems + more,  # side files a report could not read in full
         "permutation": meta.get("permutation"),
         "activations": activation_rows(meta),
+        "bench": bench_summary(run.root) if run else None,  # the run's latest `sparsify bench`
     }
     report["outcome"] = outcome(report, run, path, meta)
     return report

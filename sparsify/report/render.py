@@ -218,6 +218,7 @@ def render_table(report: dict, *, width: int | None = None) -> str:
                                 left=("parameter", "block sizes")), REGROUP_NOTE])
     notes = [f"constraint: {item['parameter']}: {item['note']}" for item in report["constraints"]]
     notes += permutation_lines(report.get("permutation"))
+    notes += bench_lines(report.get("bench"))
     notes += [f"could not read: {problem}" for problem in report.get("problems", [])]
     if notes:
         sections.append(notes)
@@ -264,9 +265,24 @@ def render_markdown(report: dict) -> str:
         parts += ["", _markdown_table(_HISTORY_HEAD, _display_history(report))]
     if report.get("rounds"):
         parts += ["", _markdown_table(_ROUNDS_HEAD, _display_rounds(report))]
+    if report.get("bench"):
+        parts += ["", *[f"- {line.strip()}" for line in bench_lines(report["bench"])]]
     if outcome_line(report):
         parts += ["", outcome_line(report)]
     return "\n".join(parts)
+
+
+def bench_lines(bench: dict | None) -> list[str]:
+    """The latest `sparsify bench` of the run in a few lines: end-to-end medians against dense."""
+    if not bench:
+        return []
+    lines = [f"bench ({bench['checkpoint']}, {bench['device']}, {bench['threads']} thread(s)): "
+             f"{bench['sparse_layers']} of {bench['layers']} layer timings run sparse; multiply-adds on kept "
+             f"weights {bench['mac_ratio']:.1%} of dense"]
+    for row in bench["end_to_end"]:
+        lines.append(f"  batch {row['batch']} {row['model']}: {row['median_ms']:.2f} ms, {row['images_per_s']:.1f} "
+                     f"images/s, {row['vs_dense']:.3f}x dense's time")
+    return lines
 
 
 def permutation_lines(record: dict | None) -> list[str]:
