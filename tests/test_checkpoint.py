@@ -1,5 +1,6 @@
 """Checkpoints load back bit-exactly; truncated or altered files are refused; one command per run."""
 
+import hashlib
 import json
 import os
 import struct
@@ -133,3 +134,82 @@ def test_second_command_on_a_run_is_refused_with_the_holder(tmp_path):
                 pass
     with run.lock("prune"):  # released after the first command ends
         pass
+
+
+def every_dtype():
+    torch.manual_seed(1)
+    return {"f64": torch.randn(3, dtype=torch.float64), "bf16": torch.randn(2, 3).bfloat16(),
+            "i8": torch.tensor([-3, 7], dtype=torch.int8), "u8": torch.tensor([255], dtype=torch.uint8),
+            "flag": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "count": torch.tensor(9),
+            "empty": torch.zeros(0, 4), "i32": torch.arange(5, dtype=torch.int32)}
+
+
+def test_the_hash_taken_while_writing_is_the_files_and_safetensors_reads_the_file(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state, masks, meta = sample()
+    state.update(every_dtype())
+    path = tmp_path / "a.safetensors"
+    sha = save_checkpoint(path, state, masks, meta)
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    plain = load_file(path)
+    assert set(plain) == {f"model.{k}" for k in state} | {"mask.conv.weight"}
+    for key, value in state.items():
+        assert plain[f"model.{key}"].dtype == value.dtype and torch.equal(plain[f"model.{key}"], value)
+    with safe_open(path, framework="pt") as f:
+        assert json.loads(f.metadata()["pattern"]) == meta["pattern"]
+    ckpt = load_checkpoint(path, expected_sha256=sha)
+    for key, value in state.items():
+        assert ckpt.state[key].dtype == value.dtype and torch.equal(ckpt.state[key], value), key
+
+
+def test_the_same_checkpoint_gives_the_same_bytes(tmp_path):
+    state, masks, meta = sample()
+    first = save_checkpoint(tmp_path / "a.safetensors", state, masks, meta)
+    second = save_checkpoint(tmp_path / "b.safetensors", dict(reversed(state.items())), masks, meta)
+    assert first == second
+
+
+def test_files_written_by_safetensors_load_misaligned_ones_too(tmp_path):
+    from safetensors.torch import save_file
+
+    state, masks, meta = sample()
+    tensors = {**{f"model.{k}": v for k, v in state.items()}, **{f"mask.{k}": v for k, v in masks.items()}}
+    metadata = {key: json.dumps(value) for key, value in {**meta, "format": 1}.items()}
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata=metadata)
+    ckpt = load_checkpoint(tmp_path / "theirs.safetensors")
+    assert all(torch.equal(ckpt.state[k], v) for k, v in state.items())
+    # a header of odd length puts the float data at an odd offset: read by copying, not refused
+    header = {"__metadata__": {"format": "1"}, "model.w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "model.b": {"dtype": "I8", "shape": [1], "data_offsets": [8, 9]}}
+    text = json.dumps(header).encode()
+    text += b" " * (1 - len(text) % 2)  # odd
+    data = torch.tensor([1.5, -2.0]).numpy().tobytes() + b"\x07"
+    (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data)
+    odd = load_checkpoint(tmp_path / "odd.safetensors")
+    assert torch.equal(odd.state["w"], torch.tensor([1.5, -2.0])) and odd.state["b"].item() == 7
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "has 8 bytes for shape \\[3\\]"),
+    ({"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}, "unreadable dtype"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}, "starts at byte 4, not 0"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "need 4 bytes of data and the file holds 8"),
+])
+def test_headers_that_do_not_tile_the_data_are_refused(tmp_path, entry, expected):
+    header = json.dumps({"__metadata__": {"format": "1"}, "model.w": entry}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(CheckpointError, match=f"damaged or truncated .*{expected}"):
+        load_checkpoint(path)
+
+
+def test_the_finite_check_is_exact_where_a_sum_overflows():
+    from sparsify.io.checkpoint import nonfinite_entries
+
+    tensors = {"big": torch.full((4,), 3e38), "half": torch.full((3,), 60000.0).half(),
+               "nan": torch.tensor([1.0, float("nan")]), "inf": torch.tensor([-float("inf"), 0.0]),
+               "ints": torch.tensor([1, 2])}
+    assert nonfinite_entries(tensors) == ["nan", "inf"]

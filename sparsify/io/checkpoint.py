@@ -5,10 +5,11 @@ entry per group) for each pruned weight and, for method gumbel, `gumbel.logits.<
 `gumbel.pruned.<fqn>`; every metadata value is JSON text. Writes are atomic
 (temporary file in the same folder, fsync, rename) and a run folder is locked by one command.
 
-Each byte is touched once per pass that needs it: a save writes the tensors' memory straight to
-the file while a second thread hashes the same memory; a load maps the file once, hashes the
-mapping in a second thread while the tensors (views into it) are checked for NaN/inf and for
-nonzeros inside pruned groups.
+A save writes the tensors' memory straight to the file (no serialized copy) while a second
+thread hashes the same memory; a load maps the file once (no read into a buffer, no copy) and
+hashes the mapping in a second thread while the tensors, views into it, are checked: one
+reduction per tensor finds NaN/inf, and for a masked weight the same pass (the magnitude of each
+group) also finds a nonzero inside a pruned group.
 """
 
 from __future__ import annotations
@@ -53,15 +54,22 @@ def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return out
 
 
-def nonfinite_entries(tensors: dict[str, torch.Tensor]) -> list[str]:
+def nonfinite_entries(tensors: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Names of the floating-point tensors that hold NaN or inf (weights, BatchNorm statistics, ...).
 
     One reduction per tensor: a finite sum proves every element finite (NaN and inf propagate);
     only a sum that is not finite (NaN, inf, or an overflow) is looked at element by element.
+    `sums` may hold such a sum already taken (of the values or of their magnitudes) by name.
     """
-    return [name for name, tensor in tensors.items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum()))
-            and not bool(torch.isfinite(tensor).all())]
+    sums = sums or {}
+    bad = []
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        total = sums[name] if name in sums else tensor.sum()
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+    return bad
 
 
 def describe_nonfinite(names: list[str]) -> str:
@@ -134,37 +142,22 @@ def read_checkpoint(path: Path, mapped: MappedFile | None = None) -> Checkpoint:
     """Parse and validate a checkpoint file (without its hash); CheckpointError if inconsistent."""
     ckpt = parse_checkpoint(path, mapped)
     state, masks, extra = ckpt.state, ckpt.masks, ckpt.extra
-    bad = nonfinite_entries({**state, **extra})
+    pattern = build_pattern(ckpt.meta["pattern"]) if masks else None
+    if masks:
+        check_mask_shapes(state, masks, pattern)
+    magnitudes = {name: pattern.group_sum(state[name].abs()) for name in masks}  # one pass per masked weight
+    bad = nonfinite_entries({**state, **extra}, sums={name: m.sum() for name, m in magnitudes.items()})
     if bad:
         raise CheckpointError(
             f"{path} holds NaN or inf in {describe_nonfinite(bad)}: the training that wrote it diverged. "
             "Delete this file and every later checkpoint of the run to go back to the last good one, then "
             "train again with a lower train.lr (or train.clip_grad_norm, or amp: bf16 instead of fp16)")
-    if masks:
-        check_pruned_zeros(state, masks, build_pattern(ckpt.meta["pattern"]), source=path)
+    drifted = [name for name, m in magnitudes.items() if bool(m.reshape(masks[name].shape)[~masks[name]].ne(0).any())]
+    if drifted:  # names them in the message every drift check gives
+        check_masks(state, {name: masks[name] for name in drifted}, pattern, source=path)
     if extra:
         check_method_tensors(state, masks, extra, source=path)
     return ckpt
-
-
-def check_pruned_zeros(state: dict, masks: dict, pattern, *, source) -> None:
-    """Refuse masks that do not fit their weights, or a nonzero (or NaN) weight inside a pruned group.
-
-    Per weight, one comparison with zero (a bool tensor, no float copy) summed over the groups;
-    only weights found drifting go through `check_masks`, which names them.
-    """
-    check_mask_shapes(state, masks, pattern)
-    drifted = [name for name, mask in masks.items() if _nonzero_in_pruned(state[name], mask, pattern)]
-    if drifted:
-        check_masks(state, {name: masks[name] for name in drifted}, pattern, source=source)
-
-
-def _nonzero_in_pruned(weight: torch.Tensor, mask: torch.Tensor, pattern) -> bool:
-    try:
-        counts = pattern.group_sum(weight.ne(0))
-    except (RuntimeError, TypeError):  # a pattern whose group_sum needs floating-point values
-        counts = pattern.group_sum(weight.abs())
-    return bool(counts.reshape(mask.shape)[~mask].any())
 
 
 def check_method_tensors(state: dict, masks: dict, extra: dict, *, source) -> None:
