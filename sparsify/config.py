@@ -68,7 +68,10 @@ class DataConfig(_Section):
 
 class PermuteConfig(_Section):
     enabled: bool = False  # nm: search input-channel permutations before the first prune
-    time_limit: float = Field(default=15.0, gt=0.0)  # seconds for the whole model's search
+    # the search's budget for the whole model: iterations (a batch of candidate swaps, or an escape); the
+    # masks depend on the seed and this budget only (rounds/permute.py: DEFAULT_MAX_ITERATIONS, the same 2000)
+    max_iterations: int = Field(default=2000, ge=1, le=100_000_000)
+    time_limit: float = Field(default=120.0, gt=0.0)  # seconds, a safety only: a cut search is machine-dependent
 
 
 def validate_pattern(value: Any) -> Any:

@@ -1,6 +1,8 @@
 """RoundHook: a step of the prune round around the ranking, with its own metadata and carry rule.
 
-`sparsify prune` is score -> select -> hooks -> save. A hook sees one `PruneRound` and may act
+`sparsify prune` is target check -> hooks -> score -> select -> hooks -> save: a round whose masks
+already hold the target stops before any hook runs, so no hook spends time on a round that
+prunes nothing (a hook's own refusal comes next). A hook sees one `PruneRound` and may act
 before the groups are scored (`before_scores`: permute input channels, accumulate Taylor
 saliency, refuse a round) and after the new masks exist (`after_select`: regroup them, rewind
 the kept weights). What a hook writes into `round.meta` goes into the pruned checkpoint; its

@@ -3,6 +3,7 @@ taylor saliency, rewind (see sparsify.rounds.base)."""
 
 from __future__ import annotations
 
+from sparsify.console import log
 from sparsify.core.criteria import accumulate_taylor
 from sparsify.core.masks import MaskEnforcer
 from sparsify.errors import TargetReached
@@ -24,9 +25,12 @@ class Permute(RoundHook):
     def before_scores(self, round_: PruneRound) -> None:
         if not round_.first_round:
             return
+        options = round_.sparsity.permute
+        log(f"permutation: searching input-channel orders ({options.max_iterations} iterations, "
+            f"time limit {options.time_limit:g} s)")
         round_.meta.update(permute_before_prune_(
             round_.model, round_.parent_meta, pattern=round_.pattern, eligible=round_.eligible,
-            time_limit=round_.sparsity.permute.time_limit, seed=round_.seed))
+            max_iterations=options.max_iterations, time_limit=options.time_limit, seed=round_.seed))
         round_.notes.append(describe_permutation(round_.meta["permutation"]))
 
     def carry(self, parent_meta: dict, *, same_round: bool) -> dict:

@@ -1,4 +1,4 @@
-"""`sparsify prune`: one round. Score -> select -> round hooks -> save."""
+"""`sparsify prune`: one round. Target check -> round hooks -> score -> select -> round hooks -> save."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 from sparsify.config import RunConfig
 from sparsify.core.masks import MaskEnforcer, full_masks
 from sparsify.core.patterns import build_pattern
-from sparsify.core.prune import PruneSettings, find_layers, prune_round
+from sparsify.core.prune import LayerRound, PruneSettings, find_layers, prune_round, target_zero_count
 from sparsify.errors import SparsifyError, TargetReached
 from sparsify.registry import METHODS
 from sparsify.rounds.base import PruneRound
@@ -25,6 +25,7 @@ def prune(config: RunConfig) -> StageResult:
                             "prune rounds; use `sparsify train` or `sparsify run`")
     with opened_run(config, "prune") as (run, loaded, started):
         round_ = start_round(config, run, loaded)
+        refuse_at_target(round_.masks, dict(loaded.model.named_parameters()), round_.pattern, s)
         hooks = [hook for hook in ROUND_HOOKS if hook.active(s)]
         for hook in hooks:
             hook.before_scores(round_)
@@ -66,6 +67,31 @@ def start_round(config: RunConfig, run, loaded) -> PruneRound:
     return PruneRound(model=loaded.model, pattern=pattern, sparsity=s, parent_meta=meta, masks=masks,
                       first_round=not loaded.masks, seed=config.seed, train_batches=train_batches,
                       device=resolve_device(config.device), rewind_point=lambda: rewind_state(run, s.rewind))
+
+
+def refuse_at_target(masks: dict, weights: dict, pattern, s) -> None:
+    """TargetReached before any hook spends time (permutation search, Taylor gradients) when the
+    masks going in already hold every layer's target count (the model-wide one for scope global)."""
+    entries = [counts_now(name, mask, tuple(weights[name].shape), pattern, target=s.target, balanced=s.balanced)
+               for name, mask in masks.items()]
+    if s.scope == "global":
+        total = target_zero_count((1, sum(e.groups for e in entries)), s.target, False)
+        room = sum(e.zeros_before for e in entries) < total
+    else:
+        room = any(e.zeros_before < e.target_zeros for e in entries)
+    if not room:
+        raise TargetReached(target_message(entries, s.target, scope=s.scope))
+
+
+def counts_now(name: str, mask, shape: tuple, pattern, *, target: float, balanced: bool) -> LayerRound:
+    """A layer's groups, zeros and target count before the round, by the rules `prune_round` counts with."""
+    if pattern.one_round:
+        groups, zeros, target_zeros = mask.numel(), int(mask.numel() - mask.sum()), pattern.target_zeros(shape)
+    else:
+        grid = pattern.grid(mask)
+        groups, zeros = grid.numel(), int(grid.numel() - grid.sum())
+        target_zeros = target_zero_count(tuple(grid.shape), target, balanced)
+    return LayerRound(name, groups, zeros, zeros, target_zeros, 0)
 
 
 def round_message(number: int, round_: PruneRound, sparsity: float) -> str:
