@@ -289,3 +289,29 @@ def test_the_target_check_reads_the_masks_only():
     half = {"w": NMPattern(2, 4).select(weights["w"].abs(), full["w"])}
     with pytest.raises(TargetReached, match="every eligible layer is at its target"):
         refuse_at_target(half, weights, NMPattern(2, 4), settings)
+
+
+def test_the_target_check_comes_before_every_hook(tiny_config, cli, tmp_path):
+    """Taylor saliency reads training batches in its hook: at the target, prune exits 3 without them."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = np.random.default_rng(i).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    config = tiny_config(model={"num_classes": 2, "input_size": 16},
+                         data={"dataset": "imagefolder", "root": str(root), "batch_size": 4, "workers": 0},
+                         sparsity={"pattern": {"type": "unstructured"}, "criterion": "taylor", "criterion_batches": 1,
+                                   "target": 0.5, "step": 1.0})
+    assert cli("download", "-c", config)[0] == 0
+    code, out, err = cli("prune", "-c", config)
+    assert code == 0, out + err
+    shutil.rmtree(root)  # the hook could no longer read a batch
+    code, out, err = cli("prune", "-c", config)
+    assert code == 3 and "every eligible layer is at its target (50%)" in err, out + err

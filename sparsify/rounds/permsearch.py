@@ -119,28 +119,36 @@ def search_permutation(magnitude: torch.Tensor, *, n: int, m: int, iterations: i
         return Search(identity, "nothing to gain", 0)
     if iterations <= 0:
         return Search(identity, "no budget", 0)
-    deadline = time.perf_counter() + seconds
+    best_order, best_total, status, done = climb(xt, order, kept, n=n, m=m, iterations=iterations,
+                                                 deadline=time.perf_counter() + seconds, seed=seed)
+    if best_total <= start_total:
+        return Search(identity, status, done)
+    return Search(torch.cat([best_order, identity[stripes * m:]]), status, done)
+
+
+def climb(xt: torch.Tensor, order: torch.Tensor, kept: torch.Tensor, *, n: int, m: int, iterations: int,
+          deadline: float, seed: int) -> tuple[torch.Tensor, int, str, int]:
+    """Improving moves in batches, escapes at each local optimum; returns the best order seen, its total,
+    how the climb ended and the iterations it used."""
+    stripes = len(kept)
     generator = torch.Generator().manual_seed(seed)
     tables = split_tables(m)
     dirty = torch.ones(stripes, stripes, dtype=torch.bool).triu(1)
-    best_order, best_total = order.clone(), start_total
+    best_order, best_total = order.clone(), int(kept.sum())
     chunk = max(1, _CHUNK_ELEMENTS // (xt.shape[1] * len(tables[0]) * m))
-    queue: list[torch.Tensor] = []
+    queue: list[torch.Tensor] = []  # the batches of this sweep, the next one last
     escapes = done = 0
     while True:
         if not queue:
             pairs = dirty.nonzero()
             if len(pairs) == 0 and escapes == ESCAPES:
-                status = "converged"
-                break
+                return best_order, best_total, "converged", done
             if len(pairs):
                 queue = list(pairs[torch.randperm(len(pairs), generator=generator)].split(chunk))[::-1]
         if done == iterations:
-            status = "budget spent"
-            break
+            return best_order, best_total, "budget spent", done
         if time.perf_counter() >= deadline:
-            status = "time limit"
-            break
+            return best_order, best_total, "time limit", done
         done += 1
         if not queue:
             escapes += 1
@@ -150,9 +158,6 @@ def search_permutation(magnitude: torch.Tensor, *, n: int, m: int, iterations: i
         total = int(kept.sum())
         if total > best_total:
             best_order, best_total = order.clone(), total
-    if best_total <= start_total:
-        return Search(identity, status, done)
-    return Search(torch.cat([best_order, identity[stripes * m:]]), status, done)
 
 
 def improve_(xt, order, kept, dirty, batch, tables, *, n: int, m: int) -> None:
