@@ -315,3 +315,17 @@ def test_the_target_check_comes_before_every_hook(tiny_config, cli, tmp_path):
     shutil.rmtree(root)  # the hook could no longer read a batch
     code, out, err = cli("prune", "-c", config)
     assert code == 3 and "every eligible layer is at its target (50%)" in err, out + err
+
+
+def test_a_cut_is_in_the_prune_line_the_checkpoint_and_the_report(tiny_config, cli, monkeypatch):
+    config = tiny_config(**NM_PERMUTED)
+    assert cli("download", "-c", config)[0] == 0
+    with monkeypatch.context() as patch:
+        slowed_search_(patch, 0.05)  # the first batch alone outlasts the limit
+        code, out, err = cli("prune", "-c", config, "--set", "sparsity.permute.time_limit=0.01")
+    assert code == 0, out + err
+    assert "CUT by time_limit (0.01 s)" in out and "raise sparsity.permute.time_limit" in out
+    _, meta = checkpoint_tensors(Path("runs", "tiny", "checkpoints", "001-r01-pruned.safetensors"))
+    record = json.loads(meta["permutation"])
+    assert record["cut_by_time_limit"] is True and record["iterations"] < 150
+    assert "CUT by time_limit" in cli("report", "-c", config)[1]
