@@ -116,8 +116,49 @@ def conv_or_linear_reason(module: nn.Module) -> str | None:
             return "depthwise conv"
         if module.groups > 1:
             return f"grouped conv (groups={module.groups})"
-        return None
+        return weight_transform_reason(module)
     return f"{type(module).__name__} is not a conv or Linear layer"
+
+
+_LINEAR_IN_WEIGHT: dict[type, str | None] = {}  # a class with its own forward -> why its zeros do not stay zero
+
+
+def weight_transform_reason(module: nn.Module) -> str | None:
+    """Why a conv subclass with its own forward cannot be pruned: its output is not linear in its weight
+    (e.g. weight standardisation, (w - mean) / std, turns pruned zeros into nonzeros). None: it can."""
+    cls = type(module)
+    base = next(b for b in cls.__mro__ if b.__module__.startswith("torch.nn."))
+    if cls.forward is base.forward:
+        return None
+    if cls not in _LINEAR_IN_WEIGHT:
+        _LINEAR_IN_WEIGHT[cls] = probe_linear_in_weight(module)
+    return _LINEAR_IN_WEIGHT[cls]
+
+
+def probe_linear_in_weight(module: nn.Module) -> str | None:
+    """f(wa) + f(wb) == f(wa + wb) for the layer's forward with zero bias, on a small random input (a copy)."""
+    import copy
+
+    name = type(module).__name__
+    try:
+        probe = copy.deepcopy(module).to_empty(device="cpu").float().eval()
+        generator = torch.Generator().manual_seed(0)
+        shape = (1, probe.in_channels, *[k * d + 3 for k, d in zip(probe.kernel_size, probe.dilation)])
+        x = torch.randn(shape, generator=generator)
+        weights = [torch.randn(probe.weight.shape, generator=generator) for _ in range(2)]
+        outputs = []
+        with torch.no_grad():
+            if probe.bias is not None:
+                probe.bias.zero_()
+            for weight in (weights[0], weights[1], weights[0] + weights[1]):
+                probe.weight.copy_(weight)
+                outputs.append(probe(x))
+    except Exception as exc:  # a forward this probe cannot call: do not guess
+        return f"{name} has its own forward, which could not be checked ({type(exc).__name__}): not pruned"
+    total = outputs[0] + outputs[1]
+    if torch.allclose(total, outputs[2], rtol=1e-3, atol=1e-4 * max(float(total.abs().max()), 1.0)):
+        return None
+    return f"{name}'s forward transforms its weight (pruned zeros would not stay zero): not pruned"
 
 
 def build_pattern(spec: dict) -> Pattern:
