@@ -160,7 +160,7 @@ def row_nm(ctx: Context, dense, *, permute: bool) -> dict:
         except ImportError:
             return {"skipped": "sparsify.rounds.permute is not available in this tree"}
         before = ctx.accuracy(model)
-        record = permute_model_(model, eligible_layers(model, pattern), n=2, m=4, time_limit=10.0,
+        record = permute_model_(model, eligible_layers(model, pattern), n=2, m=4, time_limit=120.0,
                                 example=torch.zeros(1, 1, 28, 28), seed=ctx.seed)
         extra.update(permuted=f"{record['permuted']}/{record['eligible']}", permute_seconds=record["seconds"],
                      acc1_change_from_permutation=round(ctx.accuracy(model) - before, 2))

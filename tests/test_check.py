@@ -58,7 +58,7 @@ def resave_with_a_masked_weight_set(path, out):
 @pytest.mark.parametrize("name, sparsity", [
     ("blk", "{pattern: {type: block, block: [8, 8]}, target: 0.5, step: 0.5}"),
     ("nm", "{pattern: {type: nm, n: 2, m: 4}}"),
-    ("nmp", "{pattern: {type: nm}, permute: {enabled: true, time_limit: 2}}"),
+    ("nmp", "{pattern: {type: nm}, permute: {enabled: true, max_iterations: 100}}"),
 ])
 def test_check_passes_on_prune_output_and_catches_a_hand_altered_file(tmp_path, monkeypatch, name, sparsity):
     path = pruned_checkpoint(tmp_path, monkeypatch, name, sparsity)
