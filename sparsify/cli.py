@@ -12,6 +12,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from sparsify.errors import SparsifyError
@@ -53,8 +54,19 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+DEBUG_ENV = "SPARSIFY_DEBUG"
+
+
+def debugging() -> bool:
+    """True under --debug or SPARSIFY_DEBUG=1: unexpected exceptions keep their traceback."""
+    import os
+
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def reports_errors(func):
-    """Turn SparsifyError into one line on stderr and its exit code (no traceback)."""
+    """Turn SparsifyError into one line on stderr and its exit code (no traceback); any other
+    exception into one line saying it is a bug (its traceback under --debug or SPARSIFY_DEBUG=1)."""
 
     @wraps(func)
     def wrapper(*args, **kwargs):
@@ -65,8 +77,29 @@ def reports_errors(func):
         except KeyboardInterrupt:
             typer.secho("interrupted; finished stages are kept, rerun the command to continue", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if debugging():
+                raise
+            fail(unexpected_line(exc), 1)
 
     return wrapper
+
+
+def unexpected_line(exc: Exception) -> str:
+    """One line for an exception sparsify did not expect: out of memory, or a bug to report."""
+    from sparsify.errors import original_message
+
+    lines = [line.strip() for line in original_message(str(exc), type(exc)).splitlines() if line.strip()]
+    text = " ".join(lines)
+    text = text if len(text) <= 300 else text[:297] + "..."
+    kind = type(exc).__name__
+    if isinstance(exc, MemoryError) or kind == "OutOfMemoryError":
+        return (f"out of memory ({kind}{': ' + text if text else ''}); lower data.batch_size (or model.input_size, "
+                "data.workers) and run the command again")
+    return (f"{kind}{': ' + text if text else ''} (this is a bug in sparsify; rerun with --debug or "
+            f"{DEBUG_ENV}=1 for the traceback and report it)")
 
 
 def load(config: Optional[Path], overrides: Optional[list[str]]):
@@ -171,8 +204,14 @@ def print_version(value: bool) -> None:
 def options(
     version: Annotated[bool, typer.Option("--version", is_eager=True, callback=print_version,
                                           help="Print the version (and torch's) and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error (a bug) "
+                                                        "instead of one line; also SPARSIFY_DEBUG=1.")] = False,
 ) -> None:
     """Make trained CNNs sparse, round by round: download -> (prune -> train)* -> report."""
+    if debug:  # through the environment, so that the processes of --nproc inherit it
+        import os
+
+        os.environ[DEBUG_ENV] = "1"
 
 
 @app.command()

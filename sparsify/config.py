@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from pydantic import model_validator
 
-from sparsify.errors import ConfigError, SparsifyError
+from sparsify.errors import ConfigError, SparsifyError, path_problem
 from sparsify.recipes import resolve_config_path
 from sparsify.yamlfile import apply_override, parse_yaml, read_text
 from sparsify.registry import CRITERIA, DATASETS, METHODS, PATTERNS, load_plugins
@@ -24,6 +25,7 @@ from sparsify.registry import CRITERIA, DATASETS, METHODS, PATTERNS, load_plugin
 
 MAX_NAME = 128  # run folder names: file systems allow 255 bytes, and the files inside add their own
 MAX_LR = 10.0  # no optimizer here trains with a larger step; 1e308 or inf only turns weights into NaN
+MAX_WEIGHT_DECAY = 1.0  # recipes use 1e-4 to 0.1; 1e308 overflows the optimizer's float32 arithmetic
 
 
 class _Section(BaseModel):
@@ -111,6 +113,8 @@ def validate_method_sections(data: Any, *, known: list[str]) -> Any:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "model_type" and not where:
+                raise ConfigError(not_a_section(f"sparsity.{key}", sections[key], value)) from None
             if first["type"] == "extra_forbidden":
                 raise ConfigError(f"unknown config key 'sparsity.{key}.{where}'; allowed here: "
                                   f"{', '.join(sections[key].model_fields)}") from None
@@ -232,7 +236,7 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.001, gt=0.0, le=MAX_LR)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.0001, ge=0.0)
+    weight_decay: float = Field(default=0.0001, ge=0.0, le=MAX_WEIGHT_DECAY)
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"  # within one train stage
     lr_steps: list[int] = Field(default_factory=list)  # step schedule: epochs (of the stage) where lr *= lr_gamma
     lr_gamma: float = Field(default=0.1, gt=0.0)  # step schedule: factor at each of lr_steps
@@ -259,6 +263,17 @@ class TrainConfig(_Section):
         if value == "auto" or (type(value) is int and value >= 1):
             return value
         raise ValueError("must be auto or an integer >= 1 (torch CPU threads), e.g. threads: 1")
+
+    @model_validator(mode="after")
+    def _step_schedule_peak(self) -> "TrainConfig":
+        """lr_gamma > 1 raises lr at each of lr_steps: the lr it reaches must stay within MAX_LR too."""
+        if self.lr_schedule == "step" and self.lr_gamma > 1 and self.lr_steps:
+            log_peak = math.log10(self.lr) + len(self.lr_steps) * math.log10(self.lr_gamma)
+            if log_peak > math.log10(MAX_LR):
+                raise ConfigError(f"config key 'train.lr_gamma': {self.lr_gamma:g} at each of train.lr_steps "
+                                  f"{self.lr_steps} takes train.lr {self.lr:g} to 1e{log_peak:.0f}, above {MAX_LR:g}; "
+                                  "use a decay (lr_gamma below 1)")
+        return self
 
 
 class ActivationsConfig(_Section):
@@ -319,7 +334,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         path = resolve_config_path(path)  # a file, or a shipped recipe's name
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass -c PATH to a YAML file "
+            raise ConfigError(f"config file {str(path)!r} {path_problem(path)}; pass -c PATH to a YAML file "
                               "or a shipped recipe's name (`sparsify recipes` lists them)")
         data = parse_yaml(read_text(path), source=str(path)) or {}
         if not isinstance(data, dict):
@@ -344,10 +359,18 @@ def describe_validation_error(exc: ValidationError) -> str:
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":
         section = _section_at(first["loc"][:-1])
-        allowed = ", ".join(section.model_fields) if section else "see the README"
+        allowed = ", ".join(section.model_fields) if section else "none (it is not a section)"
         return f"unknown config key {loc!r}; allowed here: {allowed}{more}"
+    if first["type"] == "model_type":  # a value where a section (a mapping of keys) belongs
+        return not_a_section(loc, _section_at(first["loc"]), first.get("input")) + more
     message = first["msg"].removeprefix("Value error, ")
-    return f"config key {loc!r}: {message} (got {first.get('input')!r}){more}"
+    return f"config key {loc or 'config'!r}: {message} (got {first.get('input')!r}){more}"
+
+
+def not_a_section(key: str, section: type[BaseModel] | None, value: Any) -> str:
+    """The line for `key: value` where `key` is a section: what a section is and its keys."""
+    keys = f" with the keys {', '.join(section.model_fields)}" if section else ""
+    return f"config key {key!r} is a section: give it a mapping{keys} (got {value!r})"
 
 
 def _key_path(loc: tuple) -> str:

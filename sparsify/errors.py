@@ -2,11 +2,50 @@
 
 from __future__ import annotations
 
+import os
+
 
 class SparsifyError(Exception):
-    """A problem the user can fix: the message names the bad value and how to fix it."""
+    """A problem the user can fix: the message names the bad value and how to fix it.
+
+    Raised in a DataLoader worker, it reaches the main process as the same class built from torch's
+    "Caught ... in DataLoader worker process N. Original Traceback ..." text; the message is taken
+    back out of that text, so the user still reads one line.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *args) -> None:
+        if isinstance(message, str):
+            message = original_message(message, type(self))
+        super().__init__(message, *args)
+
+
+def original_message(text: str, kind: type) -> str:
+    """The message of an exception re-raised by a DataLoader (worker or pin-memory thread), else `text`.
+
+    torch re-raises it as `kind("Caught <Kind> in DataLoader worker process 0.\nOriginal Traceback
+    ...\n<module>.<Kind>: <message>\n")`; the message is what follows the last `<module>.<Kind>: `.
+    """
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    lines = text.rstrip("\n").splitlines()
+    for index in range(len(lines) - 1, 0, -1):
+        if lines[index].startswith(f"{name}: "):
+            return "\n".join([lines[index][len(name) + 2:], *lines[index + 1:]])
+    return lines[-1]
+
+
+def path_problem(path: str | os.PathLike) -> str:
+    """Why `path` cannot be read as a file: 'does not exist', 'is a folder, not a file', ..."""
+    if os.path.isdir(path):
+        return "is a folder, not a file"
+    if os.path.lexists(path) and not os.path.exists(path):
+        return "is a broken symbolic link"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "is not a regular file"
+    return "does not exist"
 
 
 class ConfigError(SparsifyError):
@@ -27,6 +66,10 @@ class CheckpointError(SparsifyError):
 
 class WriteFailed(SparsifyError):
     """A file could not be written (no space, a file-size limit, permissions); the old file is kept."""
+
+
+class TrainStateDamaged(CheckpointError):
+    """The train-state file cannot be read; the train stage sets it aside and starts from its beginning."""
 
 
 class RunLockedError(SparsifyError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ TINY = {  # a run that takes a second or two per stage on a CPU: 2 steps an epoc
     "sparsity": {"target": 0.5, "step": 0.5},
     "train": {"lr": 0.01},
 }
+
+
+def pytest_configure(config):
+    """Unexpected exceptions keep their traceback in tests (the CLI's --debug); test_messages checks the one line."""
+    os.environ.setdefault("SPARSIFY_DEBUG", "1")
 
 
 def tiny_yaml(**sections) -> str:

@@ -12,7 +12,9 @@ from sparsify.data.presets import ImagePreset
 from sparsify.errors import DataError
 
 IMAGEFOLDER_LAYOUT = "imagefolder expects root/train/<class>/<image> and root/val/<class>/<image>"
-TORCHVISION_DECODES = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # torchvision.io; others go to PIL
+# torchvision.io decodes these; others go to PIL. Not PNG: torchvision 0.29's decode_png crashes the process
+# (SIGSEGV) on a damaged PNG (any libpng error, e.g. a bad chunk CRC) instead of raising, so PIL reads PNGs.
+TORCHVISION_DECODES = (".jpg", ".jpeg", ".webp", ".gif")
 AUTO_DECODER = "torchvision"  # data.decoder auto: see bench/imagefolder_decode.py and the README
 
 
@@ -25,11 +27,17 @@ def imagefolder_dirs(root: str | None) -> tuple[Path, Path]:
         raise DataError(f"data.root is not set; {IMAGEFOLDER_LAYOUT}")
     base = Path(root)
     if not base.is_dir():
-        raise DataError(f"data.root {root!r} does not exist; {IMAGEFOLDER_LAYOUT}")
+        raise DataError(f"data.root {root!r} {folder_problem(base)}; {IMAGEFOLDER_LAYOUT}")
     for split in ("train", "val"):
         if not (base / split).is_dir():
-            raise DataError(f"data.root {root!r} has no {split}/ folder; {IMAGEFOLDER_LAYOUT}")
+            problem = f"has a file {split}, not a folder" if (base / split).exists() else f"has no {split}/ folder"
+            raise DataError(f"data.root {root!r} {problem}; {IMAGEFOLDER_LAYOUT}")
     return base / "train", base / "val"
+
+
+def folder_problem(path: Path) -> str:
+    """Why `path` is not a folder: 'does not exist' or 'is a file, not a folder'."""
+    return "is a file, not a folder" if path.exists() else "does not exist"
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -122,21 +130,58 @@ def read_image_tensor(path: str) -> torch.Tensor:
                 return decode_image(read_file(path), mode=ImageReadMode.RGB)
             except RuntimeError:
                 pass  # a file torchvision.io cannot decode (e.g. an odd JPEG) falls back to PIL
-    from torchvision.datasets.folder import pil_loader
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    return pil_to_tensor(pil_loader(path))
+    return pil_to_tensor(read_pil_image(path))
+
+
+def read_pil_image(path: str):
+    """torchvision's ImageFolder loader (PIL, RGB); a file it cannot read is one DataError naming it.
+
+    The stage stops there rather than skip the image (a skipped image changes the epoch's batches,
+    and a folder of broken files would train on nothing). In a DataLoader worker the error reaches
+    the main process as the same DataError and message (see `SparsifyError`).
+    """
+    from torchvision.datasets.folder import pil_loader
+
+    try:
+        return pil_loader(path)
+    except decode_errors() as exc:
+        raise DataError(unreadable_image(path, exc)) from None
+
+
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file that is not a whole image (or cannot be opened)."""
+    import struct
+
+    from PIL import Image
+
+    return OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError
+
+
+def unreadable_image(path: str, exc: BaseException) -> str:
+    """One line: the file, why it cannot be read, and the fix."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, PermissionError):
+        return f"cannot read image {path} (permission denied); make it readable for this user"
+    if isinstance(exc, FileNotFoundError):
+        return f"image {path} was removed while the stage ran; run the command again"
+    if isinstance(exc, UnidentifiedImageError):
+        why = "not an image format PIL can read"
+    else:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (f"cannot decode image {path} ({why}); remove that file or replace it with an intact image, "
+            "then run the command again")
 
 
 def image_reader(decoder: str):
     """The ImageFolder loader for data.decoder (auto: the faster one on our measurements)."""
-    from torchvision.datasets.folder import pil_loader
-
     choice = AUTO_DECODER if decoder == "auto" else decoder
     if choice == "torchvision":
         return read_image_tensor
     if choice == "pil":
-        return pil_loader
+        return read_pil_image
     raise DataError(f"unknown data.decoder {decoder!r}; choose auto, pil or torchvision")
 
 

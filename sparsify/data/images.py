@@ -130,6 +130,9 @@ def find_idx_file(root: Path, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     expected = ", ".join(f"{name}.gz" for name in FASHION_MNIST_FILES.values())
+    if root.exists() and not root.is_dir():
+        raise DataError(f"fashion-mnist data.root {root} is a file, not a folder; it must be the folder holding "
+                        f"{expected}")
     raise DataError(
         f"fashion-mnist file {root / stem}.gz is missing; data.root must hold {expected} "
         "(install them with `apt-get install dataset-fashion-mnist` or set data.root)"
@@ -189,7 +192,8 @@ def fashion_mnist_datasets(
     if not root.is_dir():
         expected = ", ".join(f"{name}.gz" for name in FASHION_MNIST_FILES.values())
         raise DataError(
-            f"fashion-mnist folder {root} does not exist; it must hold {expected} "
+            f"fashion-mnist folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}; "
+            f"it must hold {expected} "
             "(install them with `apt-get install dataset-fashion-mnist` or set data.root)"
         )
     splits = [load_fashion_mnist_split(root, split) for split in ("train", "val")]

@@ -23,7 +23,7 @@ from sparsify.console import log
 from sparsify.io.files import atomic_write_bytes
 from sparsify.io.onnx_check import check_onnx, require_onnx_packages
 from sparsify.io.rundir import RunDir
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, path_problem
 from sparsify.core.patterns import describe_pattern
 from sparsify.registry import EXPORTERS
 
@@ -49,6 +49,10 @@ def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, 
     if output is not None and Path(output).is_dir():
         raise SparsifyError(f"export -o {output} is a directory; name the file to write, e.g. "
                             f"-o {Path(output) / ('model.' + exporter.suffix)}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        latest = run.latest()
+        raise SparsifyError(f"export --checkpoint {checkpoint} {path_problem(checkpoint)}; name a checkpoint file"
+                            f"{f', e.g. --checkpoint {latest}' if latest else ''}")
     source = checkpoint or run.latest()
     if source is None:
         raise SparsifyError(f"run folder {run.root} has no checkpoint to export; run `sparsify download` first")

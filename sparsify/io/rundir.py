@@ -103,7 +103,11 @@ class RunDir:
         if create:
             self.create()
         elif not self.root.is_dir():
-            raise CheckpointError(f"run folder {self.root} does not exist; start the run with `sparsify download`")
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            raise CheckpointError(f"run folder {self.root} {what}; start the run with `sparsify download`")
+        if not os.access(self.root, os.W_OK | os.X_OK):  # before anything is changed, not halfway through
+            raise CheckpointError(f"run folder {self.root} is read-only for this user; nothing was changed: make it "
+                                  f"writable (chmod u+w {self.root}) and run the command again")
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:

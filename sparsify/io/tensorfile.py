@@ -80,12 +80,14 @@ def damaged(path: Path, why: str) -> CheckpointError:
 def parse_header(buffer, file_size: int, path: Path) -> tuple[dict, int]:
     """(header dict, offset of the data) of a file whose bytes `buffer` slices; CheckpointError if unreadable."""
     if file_size < 8:
-        raise CheckpointError(f"{path} is truncated (only {file_size} bytes); restore it or delete it")
+        raise CheckpointError(f"{path} has only {file_size} bytes: it is truncated or not a safetensors file; "
+                              "restore it or delete it")
     (size,) = struct.unpack("<Q", buffer[:8])
+    if size > MAX_HEADER or (file_size > 8 and buffer[8:9] != b"{"):  # e.g. text, a zip (.pth), an image
+        raise CheckpointError(f"{path} is not a safetensors file (it starts with {bytes(buffer[:8])!r}, not a "
+                              "header size and a JSON header)")
     if size > file_size - 8:
         raise CheckpointError(f"{path} is truncated (its header says {size} bytes); restore it or delete it")
-    if size > MAX_HEADER:
-        raise CheckpointError(f"{path} is not a safetensors file (a header of {size} bytes)")
     try:
         header = json.loads(buffer[8:8 + size])
     except ValueError:

@@ -33,6 +33,12 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(
             f"weights file {path} has suffix {path.suffix!r}; use .safetensors, .pth or .pt"
         )
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive (or an old-style pickle)
+        what = "is empty" if not head else f"starts with {head!r}, not a zip archive or a pickle"
+        raise ModelError(f"weights file {path} was not written by torch.save (it {what}); save "
+                         "model.state_dict() with torch.save, or use a .safetensors file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusals and corrupt archives alike

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, path_problem
 from sparsify.core.patterns import build_pattern, describe_pattern, parse_pattern
 from sparsify.core.tensorrt import TENSORRT_PATTERN, TENSORRT_RULE, tensorrt_2to4
 
@@ -28,7 +28,8 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
     """Findings per layer and the verdict, as JSON-ready data."""
     path = Path(path)
     if not path.is_file():
-        raise SparsifyError(f"{path} does not exist; pass a checkpoint or a state dict file")
+        raise SparsifyError(f"{path} {path_problem(path)}; pass a checkpoint or a state dict file"
+                            f"{latest_hint(path)}")
     state, masks, meta = read_tensors(path)
     if pattern is None and not meta.get("pattern"):
         raise SparsifyError(f"{path} is a plain state dict with no pattern to check against; "
@@ -56,6 +57,15 @@ def tensorrt_verdicts_(state: dict, layers: list[dict], skipped: list[dict]) -> 
         entry["tensorrt"] = tensorrt_2to4(state[entry["parameter"]])
     return {"rule": TENSORRT_RULE, "layers": len(entries),
             "accelerable": sum(entry["tensorrt"] == "yes" for entry in entries)}
+
+
+def latest_hint(folder: Path) -> str:
+    """', e.g. <run>/checkpoints/<latest>' when `folder` is a run folder (or its checkpoints/), else ''."""
+    if not folder.is_dir():
+        return ""
+    checkpoints = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    found = sorted(checkpoints.glob("*.safetensors"))
+    return f", e.g. {found[-1]}" if found else ""
 
 
 def read_tensors(path: Path) -> tuple[dict, dict, dict]:

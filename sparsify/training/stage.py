@@ -27,7 +27,7 @@ from sparsify.training.distill import build_distiller
 from sparsify.training.loop import evaluate, train_epochs
 from sparsify.training.trainer import LoopOptions, OptimConfig, Position, Trainer
 from sparsify.training.log import TrainLog, drop_rows_after
-from sparsify.training.state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state
+from sparsify.training.state import TrainState, capture_rng, read_train_state, restore_rng, save_train_state
 
 TRAIN_STATE = "train-state.safetensors"
 METRICS_CSV = "metrics.csv"
@@ -131,9 +131,9 @@ def make_resume(path: Path, identity: dict, info: DistInfo, *, log, csv_path: Pa
         return Position()
 
     def resume(trainer: Trainer) -> Position:
-        if not path.is_file():
+        state = read_train_state(path, set_aside=info.is_main, log=log)
+        if state is None:  # none, or a damaged one set aside
             return fresh()
-        state = load_train_state(path)
         if not state.matches(**identity):
             log(f"{path.name} belongs to another stage or config; this stage starts from its beginning")
             return fresh()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from sparsify.io.checkpoint import _cpu_tensors, read_metadata
 from sparsify.io.tensorfile import write_tensor_file
-from sparsify.errors import CheckpointError
+from sparsify.errors import CheckpointError, TrainStateDamaged
 
 STATE_FORMAT = 1
 _TENSOR = "__tensor__"
@@ -133,18 +133,28 @@ def save_train_state(path: Path, state: TrainState) -> None:
 
 
 def load_train_state(path: Path) -> TrainState:
-    """Read a train-state; CheckpointError if it is damaged or of another format."""
+    """Read a train-state; TrainStateDamaged if it cannot be read, CheckpointError if of another format."""
     path = Path(path)
     try:
-        raw = read_metadata(path)
-        meta = {k: json.loads(v) for k, v in raw.items()}
-        tensors = load_file(path)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors' own errors for damaged files
-        raise CheckpointError(f"{path} is damaged ({exc}); delete it to start the stage again") from None
-    if meta.get("train_state_format") != STATE_FORMAT:
-        raise CheckpointError(f"{path} is not a train-state of format {STATE_FORMAT}; delete it to start the stage again")
+        meta = {k: json.loads(v) for k, v in read_metadata(path).items()}
+    except CheckpointError as exc:  # the reader's line is "<what is wrong>; <fix>": the fix differs here
+        raise TrainStateDamaged(str(exc).split("; ")[0]) from None
+    except ValueError as exc:
+        raise TrainStateDamaged(f"{path} has metadata that is not JSON ({exc})") from None
+    found = meta.get("train_state_format", STATE_FORMAT)
+    if found != STATE_FORMAT:
+        raise CheckpointError(f"{path} is a train-state of format {found!r}; this sparsify reads format "
+                              f"{STATE_FORMAT}: delete it to start the stage again")
+    try:
+        return decode_train_state(meta, load_file(path))
+    except Exception as exc:  # safetensors' own errors, parts that are missing or of the wrong type
+        raise TrainStateDamaged(f"{path} is not a readable train-state ({type(exc).__name__}: {exc})") from None
+
+
+def decode_train_state(meta: dict, tensors: dict[str, torch.Tensor]) -> TrainState:
+    """A TrainState from the file's decoded metadata and tensors (KeyError/TypeError if parts are missing)."""
+    if "train_state_format" not in meta:
+        raise KeyError("train_state_format")
     model, masks, rest = {}, {}, {}
     for key, value in tensors.items():
         if key.startswith("model."):
@@ -159,3 +169,20 @@ def load_train_state(path: Path) -> TrainState:
         epoch=meta["epoch"], batch=meta["batch"], step=meta["step"], model=model, masks=masks,
         parts=unflatten(meta["parts"], rest), rng=unflatten(meta["rng"], rest),
     )
+
+
+def read_train_state(path: Path, *, set_aside: bool, log) -> TrainState | None:
+    """The train-state at `path`; None when there is none, or when it cannot be read: then (if `set_aside`,
+    the main rank) it is renamed to `<name>.damaged` with a warning, and the stage starts from its beginning."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return load_train_state(path)
+    except TrainStateDamaged as exc:
+        aside = path.with_name(path.name + ".damaged")
+        if set_aside:
+            path.replace(aside)
+        log(f"warning: {exc}; moved it to {aside.name} (remove it when you no longer need it), "
+            "so this stage starts from its beginning")
+        return None
