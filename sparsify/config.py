@@ -168,6 +168,8 @@ class SparsityConfig(_Section):
     balanced: bool = False  # every output block keeps the same share of its input blocks
     include_linear: bool = False  # Linear layers are eligible too
     exclude: list[str] = Field(default_factory=list)  # globs over parameter names, e.g. ["fc.*"]
+    layers: dict[str, float] = Field(default_factory=dict)  # glob -> that layer's target; first matching glob wins
+    allocation: Literal["uniform", "erk"] = "uniform"  # targets of the layers without an override (core/allocation.py)
     permute: PermuteConfig = Field(default_factory=PermuteConfig)  # nm: channel permutation before pruning
 
     # besides these keys, one section per registered method with options: sparsity.dsr, .gumbel, .gradual, ...
@@ -186,6 +188,26 @@ class SparsityConfig(_Section):
             PATTERNS.get(self.pattern.type).apply_config_rules(self, self.model_fields_set)
         except SparsifyError as exc:
             raise ConfigError(str(exc)) from None
+        return self
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_targets(cls, value: dict[str, float]) -> dict[str, float]:
+        for glob, target in value.items():
+            if not 0.0 <= target < 1.0:
+                raise ValueError(f"target {target!r} for {glob!r} must be in [0, 1); 0.0 keeps the layer dense")
+        return value
+
+    @model_validator(mode="after")
+    def _per_layer_rules(self) -> "SparsityConfig":
+        if not self.layers and self.allocation == "uniform":
+            return self
+        if self.scope == "global":
+            raise ConfigError("sparsity.layers and allocation: erk set per-layer targets, which scope 'global' "
+                              "(one ranking over all layers) does not have; use scope: layer")
+        if not METHODS.get(self.method).prune_rounds:
+            raise ConfigError(f"sparsity.layers and allocation: erk apply to prune rounds; method {self.method} "
+                              "has none, so remove them or use method: static")
         return self
 
     @field_validator("method")
