@@ -161,6 +161,7 @@ class SparsityConfig(_Section):
     step_basis: Literal["remaining", "target"] = "remaining"
     scope: Literal["layer", "global"] = "layer"  # global: one ranking over all eligible layers (unstructured)
     criterion_batches: int = Field(default=8, ge=1)  # taylor: training batches whose gradients are accumulated
+    recalibrate_bn: int = Field(default=20, ge=0)  # training batches that re-estimate BatchNorm after a prune; 0: off
     rewind: Optional[RewindConfig] = None  # null | {to: init} | {to: round0} | {epoch: E}
     regroup: RegroupConfig = Field(default_factory=RegroupConfig)  # unstructured: dense blocks after each prune
     keep_rows: bool = True  # no output block loses all its input blocks
