@@ -230,11 +230,17 @@ def download(
 
 @app.command()
 @reports_errors
-def prune(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsOption = None) -> None:
+def prune(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    threads: ThreadsOption = None,
+    eval_: Annotated[bool, typer.Option("--eval", help="Print the validation top-1 before and after the "
+                                        "BatchNorm re-estimation.")] = False,
+) -> None:
     """Run one prune round on the latest checkpoint. Exits 3 once every layer is at its target."""
     from sparsify import stages
 
-    say(stages.prune(load_stage(config, set_, threads)).message)
+    say(stages.prune(load_stage(config, set_, threads), show_eval=eval_).message)
 
 
 @app.command()
