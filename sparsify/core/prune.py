@@ -1,7 +1,7 @@
 """One prune round: score the kept groups, pick the lowest under step/target/constraints.
 
 Counting rules (scope `layer`), per eligible layer with G groups of which `kept` are kept:
-- target count T = floor(target * G); with `balanced`, every output row may lose at most
+- target count T = floor(target * G), `target` being the layer's own (PruneSettings.target_of); with `balanced`, every output row may lose at most
   floor(target * cols) groups, so T = rows * floor(target * cols);
 - a round zeros ceil(step * kept) groups (`step_basis: remaining`) or ceil(step * T)
   (`step_basis: target`), at least one, and never more than T minus the zeros already there;
@@ -40,6 +40,11 @@ class PruneSettings:
     keep_cols: bool = True
     balanced: bool = False
     scope: str = "layer"  # layer | global (one ranking over every layer: prune_round_global)
+    layer_targets: dict[str, float] | None = None  # per-layer targets (core/allocation.py); others use `target`
+
+    def target_of(self, name: str) -> float:
+        """The target of layer `name`: its per-layer target if it has one, else `target`."""
+        return (self.layer_targets or {}).get(name, self.target)
 
 
 @dataclass(frozen=True)
@@ -143,14 +148,15 @@ def prune_layer(name: str, weight: torch.Tensor, mask: torch.Tensor, settings: P
     grid = pattern.grid(mask).cpu().numpy()
     rows, cols = grid.shape
     zeros = int(grid.size - grid.sum())
-    target = target_zero_count(grid.shape, settings.target, settings.balanced)
+    layer_target = settings.target_of(name)
+    target = target_zero_count(grid.shape, layer_target, settings.balanced)
     count = planned_count(grid.size - zeros, zeros, target, settings.step, settings.step_basis)
     if count == 0:
         return mask, LayerRound(name, grid.size, zeros, zeros, target, 0)
     scores = pattern.grid(score_groups(settings.criterion, weight, pattern, inputs)).cpu().numpy()
     row_cap = cols - 1 if settings.keep_rows else cols
     if settings.balanced:
-        row_cap = min(row_cap, math.floor(settings.target * cols + _EPS))
+        row_cap = min(row_cap, math.floor(layer_target * cols + _EPS))
     col_cap = rows - 1 if settings.keep_cols else rows
     new_grid = select_zeros(scores, grid, count, row_cap=row_cap, col_cap=col_cap)
     after = int(new_grid.size - new_grid.sum())
@@ -163,9 +169,10 @@ def prune_layer(name: str, weight: torch.Tensor, mask: torch.Tensor, settings: P
 
 def select_layer(name: str, weight: torch.Tensor, mask: torch.Tensor, settings: PruneSettings,
                  *, inputs: ScoreInputs | None = None):
-    """Patterns reached in one round (nm): the pattern keeps the best of each group; step/target do not apply."""
+    """Patterns reached in one round (nm): the pattern keeps the best of each group; step does not apply,
+    and a layer whose target is 0.0 stays dense."""
     pattern = settings.pattern
-    target = pattern.target_zeros(tuple(weight.shape))
+    target = pattern.target_zeros(tuple(weight.shape)) if settings.target_of(name) > 0 else 0
     zeros = int(mask.numel() - mask.sum())
     if zeros >= target:
         return mask, LayerRound(name, mask.numel(), zeros, zeros, target, 0)

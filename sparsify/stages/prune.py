@@ -1,10 +1,12 @@
-"""`sparsify prune`: one round. Target check -> round hooks -> score -> select -> round hooks -> save."""
+"""`sparsify prune`: one round. Target check -> round hooks -> score -> select -> round hooks ->
+BatchNorm re-estimation -> save."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from sparsify.config import RunConfig
+from sparsify.core.allocation import check_one_round, layer_targets
 from sparsify.core.masks import MaskEnforcer, full_masks
 from sparsify.core.patterns import build_pattern
 from sparsify.core.prune import LayerRound, PruneSettings, find_layers, prune_round, target_zero_count
@@ -14,40 +16,76 @@ from sparsify.rounds.base import PruneRound
 from sparsify.rounds.hooks import ROUND_HOOKS
 from sparsify.rounds.rewind import rewind_state
 from sparsify.stages.run import StageResult, checkpoint_loaders, opened_run, save_resolved_config, write_stage
+from sparsify.training.bn import batchnorm_layers, recalibrate_batchnorm_
 from sparsify.training.distributed import resolve_device
+from sparsify.training.loop import evaluate
 
 
-def prune(config: RunConfig) -> StageResult:
-    """One round: zero `step` of the remaining groups in every eligible layer."""
+def prune(config: RunConfig, *, show_eval: bool = False) -> StageResult:
+    """One round: zero `step` of the remaining groups in every eligible layer, then re-estimate BatchNorm
+    (`show_eval`: the validation top-1 before and after the re-estimation goes into the message)."""
     s = config.sparsity
     if not METHODS.get(s.method).prune_rounds:
         raise SparsifyError(f"method {s.method} sets the masks while training, so there are no "
                             "prune rounds; use `sparsify train` or `sparsify run`")
     with opened_run(config, "prune") as (run, loaded, started):
         round_ = start_round(config, run, loaded)
-        refuse_at_target(round_.masks, dict(loaded.model.named_parameters()), round_.pattern, s)
+        weights = dict(loaded.model.named_parameters())
+        targets = plan_targets(round_.masks, weights, round_.pattern, s)
+        refuse_at_target(round_.masks, weights, round_.pattern, s, targets)
         hooks = [hook for hook in ROUND_HOOKS if hook.active(s)]
         for hook in hooks:
             hook.before_scores(round_)
         settings = PruneSettings(pattern=round_.pattern, criterion=s.criterion, target=s.target, step=s.step,
                                  step_basis=s.step_basis, keep_rows=s.keep_rows, keep_cols=s.keep_cols,
-                                 balanced=s.balanced, scope=s.scope)
+                                 balanced=s.balanced, scope=s.scope, layer_targets=targets)
         number = loaded.checkpoint.meta["round"] + 1
         round_.masks, round_.entries = prune_round(dict(loaded.model.named_parameters()), round_.masks, settings,
                                                    seed=config.seed, round_=number, taylor=round_.taylor)
         if sum(e.zeros_after - e.zeros_before for e in round_.entries) == 0:
-            raise TargetReached(target_message(round_.entries, s.target, scope=s.scope))
+            raise TargetReached(target_message(round_.entries, shown_target(s), scope=s.scope))
         for hook in hooks:
             hook.after_select(round_)
         MaskEnforcer(loaded.model, round_.masks, round_.pattern).apply_()
+        round_.meta.update(recalibrate_round(config, round_, show_eval=show_eval))
         meta = {"pattern": round_.pattern.spec(), "prune_log": [dataclasses.asdict(e) for e in round_.entries],
-                **round_.meta}
+                "layer_targets": targets, **round_.meta}
         result = write_stage(run, config, command="prune", parent=loaded.checkpoint, model=loaded.model,
                              masks=round_.masks, round_=number, stage="pruned", metrics={}, started=started,
                              extra_meta=meta)
         save_resolved_config(run, config)
     result.message = round_message(number, round_, result.sparsity)
     return result
+
+
+def recalibrate_round(config: RunConfig, round_: PruneRound, *, show_eval: bool) -> dict:
+    """Re-estimate BatchNorm on `sparsity.recalibrate_bn` training batches of the round's loader (masks
+    applied; see training/bn.py); its metadata, and a note with the validation top-1 when `show_eval`."""
+    layers = len(batchnorm_layers(round_.model))
+    wanted = config.sparsity.recalibrate_bn if layers else 0
+    model = round_.model.to(round_.device)
+    try:
+        before = validation_top1(config, round_) if show_eval else None
+        seen = recalibrate_batchnorm_(model, round_.train_batches(), limit=wanted, device=round_.device)
+        after = validation_top1(config, round_) if show_eval and seen else before
+    finally:
+        round_.model.cpu()
+    if seen:
+        round_.notes.append(f"BatchNorm re-estimated on {seen} batches ({layers} layers)"
+                            + (f"; val top-1 {before:.2f}% before, {after:.2f}% after" if show_eval else ""))
+    elif show_eval:
+        why = "no BatchNorm" if not layers else "recalibrate_bn is 0" if not wanted else "no training batch"
+        round_.notes.append(f"val top-1 {before:.2f}% (BatchNorm not re-estimated: {why})")
+    if not seen:
+        return {}
+    evals = {"val_acc1_before": round(before, 4), "val_acc1_after": round(after, 4)} if show_eval else {}
+    return {"bn_recalibration": {"batches": seen, "layers": layers, **evals}}
+
+
+def validation_top1(config: RunConfig, round_: PruneRound) -> float:
+    """Top-1 (percent) of the round's model on the validation loader (data.limit_val_batches)."""
+    val_loader = checkpoint_loaders(config, round_.parent_meta, seed=config.seed, pin_memory=False)[1]
+    return evaluate(round_.model, val_loader, device=round_.device, limit=config.data.limit_val_batches)["val_acc1"]
 
 
 def start_round(config: RunConfig, run, loaded) -> PruneRound:
@@ -69,10 +107,28 @@ def start_round(config: RunConfig, run, loaded) -> PruneRound:
                       device=resolve_device(config.device), rewind_point=lambda: rewind_state(run, s.rewind))
 
 
-def refuse_at_target(masks: dict, weights: dict, pattern, s) -> None:
+def plan_targets(masks: dict, weights: dict, pattern, s) -> dict[str, float]:
+    """Each eligible layer's target from sparsity.target, .layers and .allocation (core/allocation.py)."""
+    shapes = {name: tuple(weights[name].shape) for name in masks}
+    if pattern.one_round:
+        targets = layer_targets(shapes, {n: m.numel() for n, m in masks.items()}, target=s.target,
+                                allocation="uniform", overrides=s.layers)
+        check_one_round(targets, pattern_target=s.target, allocation=s.allocation)
+        return targets
+    groups = {name: int(pattern.grid(mask).numel()) for name, mask in masks.items()}
+    return layer_targets(shapes, groups, target=s.target, allocation=s.allocation, overrides=s.layers)
+
+
+def shown_target(s) -> float | None:
+    """The target a message names: the model-wide one, or None when layers have their own."""
+    return s.target if not s.layers and s.allocation == "uniform" else None
+
+
+def refuse_at_target(masks: dict, weights: dict, pattern, s, targets: dict[str, float] | None = None) -> None:
     """TargetReached before any hook spends time (permutation search, Taylor gradients) when the
     masks going in already hold every layer's target count (the model-wide one for scope global)."""
-    entries = [counts_now(name, mask, tuple(weights[name].shape), pattern, target=s.target, balanced=s.balanced)
+    targets = targets or dict.fromkeys(masks, s.target)
+    entries = [counts_now(name, mask, tuple(weights[name].shape), pattern, target=targets[name], balanced=s.balanced)
                for name, mask in masks.items()]
     if s.scope == "global":
         total = target_zero_count((1, sum(e.groups for e in entries)), s.target, False)
@@ -80,13 +136,14 @@ def refuse_at_target(masks: dict, weights: dict, pattern, s) -> None:
     else:
         room = any(e.zeros_before < e.target_zeros for e in entries)
     if not room:
-        raise TargetReached(target_message(entries, s.target, scope=s.scope))
+        raise TargetReached(target_message(entries, shown_target(s), scope=s.scope))
 
 
 def counts_now(name: str, mask, shape: tuple, pattern, *, target: float, balanced: bool) -> LayerRound:
     """A layer's groups, zeros and target count before the round, by the rules `prune_round` counts with."""
     if pattern.one_round:
-        groups, zeros, target_zeros = mask.numel(), int(mask.numel() - mask.sum()), pattern.target_zeros(shape)
+        groups, zeros = mask.numel(), int(mask.numel() - mask.sum())
+        target_zeros = pattern.target_zeros(shape) if target > 0 else 0
     else:
         grid = pattern.grid(mask)
         groups, zeros = grid.numel(), int(grid.numel() - grid.sum())
@@ -104,12 +161,14 @@ def round_message(number: int, round_: PruneRound, sparsity: float) -> str:
             + "".join(f"; {note}" for note in round_.notes))
 
 
-def target_message(entries, target: float, *, scope: str = "layer") -> str:
+def target_message(entries, target: float | None, *, scope: str = "layer") -> str:
+    """Why nothing is left to prune; `target` None: the layers have their own targets."""
     stuck = [e for e in entries if e.zeros_before < e.target_zeros]
     if scope == "global":
         return (f"nothing left to prune: the eligible weights reached the model-wide target ({target:.0%}) "
                 "or the constraints hold the rest; see `sparsify report`")
     if not stuck:
-        return f"every eligible layer is at its target ({target:.0%}); nothing left to prune"
-    return (f"no more groups can be pruned: {len(entries) - len(stuck)} layers are at the target and "
+        which = f"its target ({target:.0%})" if target is not None else "its own target (sparsity.layers/allocation)"
+        return f"every eligible layer is at {which}; nothing left to prune"
+    return (f"no more groups can be pruned: {len(entries) - len(stuck)} layers are at their target and "
             f"{len(stuck)} are held by the constraints (e.g. {stuck[0].name}); see `sparsify report`")
