@@ -95,7 +95,7 @@ def unexpected_line(exc: Exception) -> str:
     text = " ".join(lines)
     text = text if len(text) <= 300 else text[:297] + "..."
     kind = type(exc).__name__
-    if isinstance(exc, MemoryError) or kind == "OutOfMemoryError":
+    if isinstance(exc, MemoryError) or kind == "OutOfMemoryError" or "can't allocate memory" in text:
         return (f"out of memory ({kind}{': ' + text if text else ''}); lower data.batch_size (or model.input_size, "
                 "data.workers) and run the command again")
     return (f"{kind}{': ' + text if text else ''} (this is a bug in sparsify; rerun with --debug or "
@@ -159,6 +159,13 @@ ThreadsOption = Annotated[
 def with_threads(overrides: Optional[list[str]], threads: Optional[str]) -> list[str]:
     """`--threads N` as the override train.threads=N: validated with the config, recorded in config.yaml."""
     return [*(overrides or []), *([f"train.threads={threads}"] if threads is not None else [])]
+
+
+def thread_setting(text: str):
+    """--threads without a config: auto or an integer >= 1."""
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise SparsifyError(f"--threads {text!r} is not auto or an integer >= 1; e.g. --threads 2")
 
 
 def load_stage(config: Optional[Path], overrides: Optional[list[str]], threads: Optional[str]):
@@ -268,6 +275,34 @@ def eval_(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsO
     from sparsify import stages
 
     say(stages.eval_latest(load_stage(config, set_, threads)).message)
+
+
+@app.command()
+@reports_errors
+def bench(
+    target: Annotated[Optional[Path], typer.Argument(
+        help="A run folder or a checkpoint file (default: the config's run).", show_default=False)] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    batch: Annotated[str, typer.Option(metavar="N,N", help="Batch sizes, comma-separated.")] = "1,32",
+    runs: Annotated[int, typer.Option(min=1, max=1000, help="Interleaved timed runs per model.")] = 7,
+    input_size: Annotated[Optional[int], typer.Option(
+        min=1, max=4096, help="Image size (default: the checkpoint's).", show_default=False)] = None,
+    threads: ThreadsOption = None,
+    format_: Annotated[CheckFormat, typer.Option("--format", "-f", help="text (tables) or json.")] = CheckFormat.text,
+) -> None:
+    """Time the dense, masked and calibrated sparse model; count multiply-adds and bytes; write bench.json."""
+    from sparsify.report.bench import render_bench
+    from sparsify.stages.bench import BenchSettings, bench as run_bench, check_batches
+    from sparsify.threads import apply_threads
+
+    batches = check_batches(batch)
+    resolved = load(config, with_threads(set_, threads)) if target is None or config is not None else None
+    apply_threads(resolved.train.threads if resolved else thread_setting(threads or "auto"))
+    result = run_bench(target or resolved.run_dir, BenchSettings(device=device, batches=batches, runs=runs,
+                                                                 input_size=input_size))
+    say(render_bench(result, "json" if format_ is CheckFormat.json else "table"))
 
 
 @app.command()
