@@ -76,6 +76,20 @@ def test_debug_prints_the_traceback_from_the_command_line(workdir):
     assert done.stderr.strip().splitlines()[-1] == "ValueError: no layout for 4 classes"
 
 
+def test_running_out_of_memory_is_not_called_a_bug():
+    import torch
+
+    from sparsify.cli import unexpected_line
+
+    with pytest.raises(RuntimeError) as info:  # the CPU allocator's refusal, without touching that memory
+        torch.empty(2**62, dtype=torch.uint8)
+    line = unexpected_line(info.value)
+    assert line.startswith("out of memory (RuntimeError: ") and "can't allocate memory" in line
+    assert line.endswith("; lower data.batch_size (or model.input_size, data.workers) and run the command again")
+    assert unexpected_line(MemoryError()) == ("out of memory (MemoryError); lower data.batch_size (or "
+                                              "model.input_size, data.workers) and run the command again")
+
+
 def test_worker_exceptions_are_unwrapped_to_their_own_message():
     from sparsify.errors import DataError, original_message
 
