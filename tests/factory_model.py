@@ -60,3 +60,16 @@ def build_empty(num_classes: int) -> nn.Module:
 def build_broken(num_classes: int) -> nn.Module:
     """A factory with a bug of its own: it raises an exception that is not a SparsifyError."""
     raise ValueError(f"no layout for {num_classes} classes")
+
+
+class OverflowsInEval(nn.Module):
+    """Multiplies by 1e30 twice in eval mode only: finite weights, a NaN validation loss."""
+
+    def forward(self, x):
+        return x if self.training else (x * 1e30) * 1e30 - (x * 1e30) * 1e30
+
+
+def build_overflowing_in_eval(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A CNN that trains normally but whose validation outputs overflow (weights stay finite)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, num_classes), OverflowsInEval())

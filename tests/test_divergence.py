@@ -130,3 +130,13 @@ def test_non_finite_batchnorm_statistics_stop_the_stage():
     model[1].running_mean[1] = float("nan")
     with pytest.raises(TrainingDiverged, match=r"after 1 epoch\(s\): NaN or inf in 1.running_mean"):
         check_finite(model, torch.device("cpu"), where="after 1 epoch(s)")
+
+
+def test_a_nan_validation_loss_with_finite_weights_stops_the_stage(run):
+    config = EXPLODING.replace("build_exploding", "build_overflowing_in_eval").replace("lr: 1.0", "lr: 0.01")
+    (run / "boom.yaml").write_text(config)
+    assert invoke("download", "-c", "boom.yaml")[0] == 0
+    code, _, err = invoke("train", "-c", "boom.yaml")
+    assert code == 1 and "Traceback" not in err
+    assert "the validation loss is nan although every weight is finite" in err.strip().splitlines()[-1]
+    assert checkpoints(run) == ["000-r00-pretrained.safetensors"]

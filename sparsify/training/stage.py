@@ -6,6 +6,7 @@ latest checkpoint and writing the next one. Every rank runs it; only rank 0 writ
 
 from __future__ import annotations
 
+import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -93,6 +94,14 @@ def check_finite(model: nn.Module, device: torch.device, *, where: str) -> None:
     if reduce_sums([float(len(bad))], device)[0] > 0:
         what = f"NaN or inf in {describe_nonfinite(bad)}" if bad else "NaN or inf on another rank"
         raise TrainingDiverged(f"{where}: {what} (an overflow, e.g. fp16 in BatchNorm statistics)")
+
+
+def check_val_loss(metrics: dict, *, where: str) -> None:
+    """A finite validation loss (the same on every rank: evaluate sums over ranks), else TrainingDiverged:
+    finite weights can still overflow the activations, and such a model is not worth a checkpoint."""
+    if not math.isfinite(metrics.get("val_loss", 0.0)):
+        raise TrainingDiverged(f"{where}: the validation loss is {metrics['val_loss']} although every weight is "
+                               "finite (the activations overflow)")
 
 
 def diverged_message(exc: TrainingDiverged, *, round_: int, latest: str, lr: float, amp: str) -> str:
@@ -219,6 +228,7 @@ def finetune(config: RunConfig, run: RunDir, loaded, *, make_loaders: Callable[.
             check_masks_agree(enforcer.masks)
             metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches,
                                     amp=t.amp, channels_last=t.channels_last))
+            check_val_loss(metrics, where=f"after {epochs} epoch(s)")
             if ema is not None:  # the checkpoint keeps the averaged weights; live_* are the last step's
                 metrics.update({f"live_{k}": v for k, v in metrics.items() if k.startswith("val_")})
                 ema.copy_to_(model)
@@ -226,5 +236,6 @@ def finetune(config: RunConfig, run: RunDir, loaded, *, make_loaders: Callable[.
                 check_finite(model, device, where="in the EMA weights")
                 metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches,
                                         amp=t.amp, channels_last=t.channels_last))
+                check_val_loss(metrics, where="with the EMA weights")
     model = model.to(memory_format=torch.contiguous_format).cpu()
     return Finetuned(model, dict(enforcer.masks), metrics)
