@@ -153,3 +153,14 @@ def test_one_round_patterns_take_dense_or_their_own_target_only():
         check_one_round({"a": 0.7}, pattern_target=0.5, allocation="uniform")
     with pytest.raises(SparsifyError, match="use allocation: uniform"):
         check_one_round({"a": 0.5}, pattern_target=0.5, allocation="erk")
+
+
+def test_report_shows_each_layers_target_after_finetuning(tiny_config, cli):
+    tiny_config(sparsity={"target": 0.5, "step": 0.5, "layers": {"layer1.0.conv1.weight": 0.0}})
+    assert cli("download", "-c", "tiny.yaml")[0] == 0 and cli("prune", "-c", "tiny.yaml")[0] == 0
+    assert cli("train", "-c", "tiny.yaml", "--epochs", "1")[0] == 0
+    code, out, _ = cli("report", "runs/tiny")
+    assert code == 0 and "target" in out.split("layers", 1)[1].splitlines()[2]
+    row = next(line for line in out.splitlines() if line.startswith("layer1.0.conv1.weight"))
+    assert "0.00%" in row.split()[4] and "50.00%" in next(
+        line for line in out.splitlines() if line.startswith("layer1.0.conv2.weight")).split()[4]

@@ -104,6 +104,7 @@ def layer_row(layer, weight: torch.Tensor, mask: torch.Tensor | None, meta: dict
         "sparsity": round(zeros / weight.numel(), 6),
         "change": None,
         "eligible": "yes" if layer.reason is None else f"no: {layer.reason}",
+        "target": (meta.get("layer_targets") or {}).get(layer.name),  # the layer's own target, if the run set them
     }
     if layer.name in changes:
         change = changes[layer.name]

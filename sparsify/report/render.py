@@ -84,6 +84,15 @@ _LAYER_NOTE = ("sparsity: zeroed weights of the layer; this round: share of its 
                "checkpoint's prune round")
 
 
+def _has_targets(report: dict) -> bool:
+    """Whether the layers have their own targets (sparsity.layers / allocation): a `target` column."""
+    return any(r.get("target") is not None for r in report["layers"])
+
+
+def _layer_head(report: dict) -> list[str]:
+    return _LAYER_HEAD[:4] + ["target"] + _LAYER_HEAD[4:] if _has_targets(report) else _LAYER_HEAD
+
+
 def _display_layers(report: dict) -> tuple[list[list[str]], list[str]]:
     """The layer rows, with 'no (k)' for an ineligible layer, and the numbered reasons ('(k) reason')."""
     reasons: dict[str, int] = {}
@@ -96,6 +105,8 @@ def _display_layers(report: dict) -> tuple[list[list[str]], list[str]]:
         rows.append([r["parameter"], r["shape"],
                      "" if r["groups"] is None else f"{r['groups_kept']}/{r['groups']}",
                      _pct(r["sparsity"]), "" if r["change"] is None else f"+{_pct(r['change'])}", eligible])
+        if _has_targets(report):
+            rows[-1].insert(4, "" if r.get("target") is None else _pct(r["target"]))
     return rows, [f"({number}) {reason}" for reason, number in reasons.items()]
 
 
@@ -204,7 +215,7 @@ def render_table(report: dict, *, width: int | None = None) -> str:
                       emoji=False, soft_wrap=False)
     console.print(_title(report), markup=False)
     layer_rows, reasons = _display_layers(report)
-    sections = [[_table("layers", _LAYER_HEAD, layer_rows, width=width, left=("parameter", "shape", "eligible")),
+    sections = [[_table("layers", _layer_head(report), layer_rows, width=width, left=("parameter", "shape", "eligible")),
                  *reasons, _LAYER_NOTE],
                 [_table("summary", ["", "value"], _display_summary(report), width=width, left=("",))]]
     if report.get("tensors"):
@@ -252,7 +263,7 @@ def _markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 def render_markdown(report: dict) -> str:
     layer_rows, reasons = _display_layers(report)
-    parts = [f"**{_title(report)}**", "", _markdown_table(_LAYER_HEAD, layer_rows), "",
+    parts = [f"**{_title(report)}**", "", _markdown_table(_layer_head(report), layer_rows), "",
              *[f"- {reason}" for reason in reasons], *([""] if reasons else []),
              _markdown_table(["summary", "value"], _display_summary(report))]
     if report.get("tensors"):

@@ -49,7 +49,7 @@ def prune(config: RunConfig, *, show_eval: bool = False) -> StageResult:
         MaskEnforcer(loaded.model, round_.masks, round_.pattern).apply_()
         round_.meta.update(recalibrate_round(config, round_, show_eval=show_eval))
         meta = {"pattern": round_.pattern.spec(), "prune_log": [dataclasses.asdict(e) for e in round_.entries],
-                "layer_targets": targets, **round_.meta}
+                **({"layer_targets": targets} if shown_target(s) is None else {}), **round_.meta}
         result = write_stage(run, config, command="prune", parent=loaded.checkpoint, model=loaded.model,
                              masks=round_.masks, round_=number, stage="pruned", metrics={}, started=started,
                              extra_meta=meta)

@@ -105,6 +105,7 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
         "config_hash": config_hash(config), "metrics": metrics, "versions": versions(),
         "created": now(), "threads": torch.get_num_threads(),
         "prune_log": base.get("prune_log", []) if same_round else [],
+        **({"layer_targets": base["layer_targets"]} if same_round and "layer_targets" in base else {}),
         **carried_meta(base, same_round=same_round),  # permutation, the round's regroup statistics
     }
     meta.update(extra_meta or {})
