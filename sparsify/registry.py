@@ -21,7 +21,7 @@ from sparsify.errors import SparsifyError
 T = TypeVar("T")
 
 BUILTINS: dict[str, tuple[str, ...]] = {  # modules that register the built-in entries of each kind
-    "pattern": ("sparsify.core.block", "sparsify.core.elements"),
+    "pattern": ("sparsify.core.block", "sparsify.core.elements", "sparsify.core.channel"),
     "criterion": ("sparsify.core.criteria",),
     "method": ("sparsify.methods.static", "sparsify.methods.dsr", "sparsify.methods.gumbel",
                "sparsify.methods.gradual"),

@@ -29,6 +29,7 @@ class ScoreInputs:
     seed: int = 0
     round: int = 0
     taylor: torch.Tensor | None = None  # weight-shaped mean over batches of |w * dL/dw|
+    channel_scale: torch.Tensor | None = None  # |gamma| per output channel of the BatchNorm after the layer
 
 
 class Criterion:
@@ -100,6 +101,20 @@ def taylor_score(weight: torch.Tensor, pattern, inputs: ScoreInputs) -> torch.Te
         raise SparsifyError(f"taylor saliency of {inputs.layer} has shape {tuple(inputs.taylor.shape)}, "
                             f"its weight {tuple(weight.shape)}; compute it with accumulate_taylor on this model")
     return _group_mean(inputs.taylor.detach().double().cpu(), pattern)
+
+
+@criterion("bn_scale")
+def bn_scale_score(weight: torch.Tensor, pattern, inputs: ScoreInputs) -> torch.Tensor:
+    """Mean over the group of |gamma| of the BatchNorm after the layer, per output channel (network
+    slimming); a layer with no BatchNorm after it scores as l2 (root mean square of the group)."""
+    if inputs.channel_scale is None:
+        return l2_score(weight, pattern, inputs)
+    scale = inputs.channel_scale.detach().double().cpu().abs()
+    if scale.shape != (weight.shape[0],):
+        raise SparsifyError(f"bn_scale of {inputs.layer or 'this layer'} has {tuple(scale.shape)} entries and the "
+                            f"layer {weight.shape[0]} output channels; the BatchNorm must follow this layer")
+    rows = scale.reshape(-1, *([1] * (weight.dim() - 1))).expand(weight.shape)
+    return _group_mean(rows, pattern)
 
 
 @criterion("random")

@@ -193,12 +193,14 @@ def _active(settings: PruneSettings) -> str:
 def prune_round(
     weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], settings: PruneSettings,
     *, seed: int = 0, round_: int = 0, taylor: dict[str, torch.Tensor] | None = None,
+    channel_scales: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[LayerRound]]:
     """Prune every layer in `masks` once; returns new masks (old ones untouched) and the log.
 
-    `seed` and `round_` feed criterion `random`, `taylor` (|w * dL/dw| per weight) criterion `taylor`.
+    `seed` and `round_` feed criterion `random`, `taylor` (|w * dL/dw| per weight) criterion `taylor`,
+    `channel_scales` (|gamma| per output channel) criterion `bn_scale`.
     """
-    inputs = {n: ScoreInputs(n, seed, round_, (taylor or {}).get(n)) for n in masks}
+    inputs = {n: ScoreInputs(n, seed, round_, (taylor or {}).get(n), (channel_scales or {}).get(n)) for n in masks}
     if settings.scope == "global":
         return prune_round_global(weights, masks, settings, inputs=inputs)
     new_masks, log = {}, []

@@ -41,7 +41,8 @@ def prune(config: RunConfig, *, show_eval: bool = False) -> StageResult:
                                  balanced=s.balanced, scope=s.scope, layer_targets=targets)
         number = loaded.checkpoint.meta["round"] + 1
         round_.masks, round_.entries = prune_round(dict(loaded.model.named_parameters()), round_.masks, settings,
-                                                   seed=config.seed, round_=number, taylor=round_.taylor)
+                                                   seed=config.seed, round_=number, taylor=round_.taylor,
+                                                   channel_scales=round_.channel_scales)
         if sum(e.zeros_after - e.zeros_before for e in round_.entries) == 0:
             raise TargetReached(target_message(round_.entries, shown_target(s), scope=s.scope))
         for hook in hooks:

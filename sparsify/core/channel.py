@@ -1,0 +1,79 @@
+"""Pattern channel (filter pruning): a group is one output channel of a conv or Linear weight.
+
+The mask has shape (COUT, 1): a zeroed group is a whole output row (all input channels and
+kernel taps). What ties channels across layers (residual adds, BatchNorm, depthwise convs,
+consumers) is found by the prune round's channel hook (rounds/channelgroups.py), which prunes
+tied producers together and skips what the channel graph cannot follow.
+
+Mask semantics: a pruned channel's producer weights are exactly 0, so the producer outputs only
+its bias there; after a BatchNorm the channel carries the BatchNorm's shift, a constant that the
+consumers still see. The consumers' input weights are not masked: compaction folds that constant
+into the next layer's bias before removing the channel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from sparsify.core.patterns import Pattern, PatternOptions, conv_or_linear_reason
+from sparsify.errors import SparsifyError
+from sparsify.registry import PATTERNS
+
+
+class ChannelOptions(PatternOptions):
+    type: Literal["channel"] = "channel"
+
+
+@PATTERNS.register("channel")
+class ChannelPattern(Pattern):
+    """Whole output channels; tied producers are pruned together by the round's channel hook."""
+
+    name = "channel"
+    Options = ChannelOptions
+    supports_variance = True
+    couples_channels: ClassVar[bool] = True  # the prune round couples producers through the channel graph
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChannelPattern)
+
+    def __hash__(self) -> int:
+        return hash("channel")
+
+    @classmethod
+    def apply_config_rules(cls, sparsity, given: set[str]) -> None:
+        """keep_rows would keep every row (one group per row) and balanced has no rows to balance."""
+        super().apply_config_rules(sparsity, given)
+        if "keep_rows" in given and sparsity.keep_rows:
+            raise SparsifyError("sparsity.keep_rows keeps one group in every output row, and with pattern channel "
+                                "a row is one group; set keep_rows: false (keep_cols keeps one channel per layer)")
+        if sparsity.balanced:
+            raise SparsifyError("sparsity.balanced spreads zeros over the groups of each output row, and with "
+                                "pattern channel a row is one group; set balanced: false")
+        sparsity.keep_rows = False
+
+    def ineligible_reason(self, module: nn.Module, shape: tuple[int, ...]) -> str | None:
+        reason = conv_or_linear_reason(module)
+        if reason:
+            return reason
+        if shape[0] < 2:
+            return "a single output channel"
+        return None
+
+    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return (shape[0], 1)
+
+    def grid(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask
+
+    def group_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(values.shape[0], -1).sum(1, keepdim=True)
+
+    def group_sizes(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.full((shape[0], 1), float(math.prod(shape[1:])), dtype=torch.float64)
+
+    def expand(self, mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return mask.reshape(shape[0], *([1] * (len(shape) - 1))).expand(shape).contiguous()
