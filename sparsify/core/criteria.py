@@ -38,6 +38,7 @@ class Criterion:
     name: ClassVar[str]
     needs_groups: ClassVar[bool] = False  # meaningless on groups of one weight (the pattern's supports_variance)
     needs_gradients: ClassVar[bool] = False  # `prune` first accumulates |w * dL/dw| over training batches
+    needs_channel_scales: ClassVar[bool] = False  # `prune` first reads |gamma| of the BatchNorm after each layer
 
     @staticmethod
     def score(weight: torch.Tensor, pattern, inputs: ScoreInputs) -> torch.Tensor:
@@ -45,12 +46,14 @@ class Criterion:
         raise NotImplementedError
 
 
-def criterion(name: str, *, needs_groups: bool = False, needs_gradients: bool = False):
+def criterion(name: str, *, needs_groups: bool = False, needs_gradients: bool = False,
+              needs_channel_scales: bool = False):
     """Register a score function as a Criterion class named `name` (the function becomes its `score`)."""
 
     def register(function):
         cls = type(f"{name.title()}Criterion", (Criterion,), {
             "name": name, "needs_groups": needs_groups, "needs_gradients": needs_gradients,
+            "needs_channel_scales": needs_channel_scales,
             "score": staticmethod(function), "__doc__": function.__doc__})
         CRITERIA.register(name)(cls)
         return function
@@ -103,7 +106,7 @@ def taylor_score(weight: torch.Tensor, pattern, inputs: ScoreInputs) -> torch.Te
     return _group_mean(inputs.taylor.detach().double().cpu(), pattern)
 
 
-@criterion("bn_scale")
+@criterion("bn_scale", needs_channel_scales=True)
 def bn_scale_score(weight: torch.Tensor, pattern, inputs: ScoreInputs) -> torch.Tensor:
     """Mean over the group of |gamma| of the BatchNorm after the layer, per output channel (network
     slimming); a layer with no BatchNorm after it scores as l2 (root mean square of the group)."""

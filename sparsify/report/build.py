@@ -6,6 +6,7 @@ table, JSON, CSV (the per-layer table) or Markdown.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ def build_report(target: Path) -> dict:
     sparsity_cfg = meta.get("sparsity_config") or {}
     layers = find_layers(model, pattern, include_linear=sparsity_cfg.get("include_linear", False),
                          exclude=sparsity_cfg.get("exclude", []))
+    layers = with_channel_reasons(layers, meta)
     rows = [layer_row(layer, ckpt.state[layer.name], ckpt.masks.get(layer.name), meta) for layer in layers]
     report = {
         "checkpoint": str(path), "arch": meta["arch"], "round": meta["round"], "stage": meta["stage"],
@@ -91,6 +93,13 @@ def regroup_rows(meta: dict) -> list[dict]:
     return [{**{k: row.get(k) for k in REGROUP_COLUMNS},
              "block_sizes": " ".join(f"{r}x{c}" for r, c in row.get("block_sizes", [])) or row.get("note", "")}
             for row in layers]
+
+
+def with_channel_reasons(layers: list, meta: dict) -> list:
+    """Pattern channel: the layers the channel graph left alone carry its reason (checkpoint metadata)."""
+    skipped = (meta.get("channel_groups") or {}).get("skipped") or {}
+    return [dataclasses.replace(layer, reason=skipped[layer.name]) if layer.reason is None and layer.name in skipped
+            else layer for layer in layers]
 
 
 def layer_row(layer, weight: torch.Tensor, mask: torch.Tensor | None, meta: dict) -> dict:

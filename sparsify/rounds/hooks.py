@@ -1,14 +1,15 @@
-"""The built-in round hooks, in the order a prune round runs them: regroup (its refusal first), permute,
-taylor saliency, rewind (see sparsify.rounds.base)."""
+"""The built-in round hooks, in the order a prune round runs them: regroup (its refusal first), channel
+groups, BatchNorm scales, permute, taylor saliency, rewind (see sparsify.rounds.base)."""
 
 from __future__ import annotations
 
 from sparsify.console import log
-from sparsify.core.criteria import accumulate_taylor
+from sparsify.core.criteria import ScoreInputs, accumulate_taylor
 from sparsify.core.masks import MaskEnforcer
 from sparsify.errors import TargetReached
-from sparsify.registry import CRITERIA
+from sparsify.registry import CRITERIA, PATTERNS
 from sparsify.rounds.base import PruneRound, RoundHook
+from sparsify.rounds.channelgroups import ChannelGroups, batchnorm_after, batchnorm_scales, channel_groups, tie_masks
 from sparsify.rounds.permute import describe_permutation, permute_before_prune_
 from sparsify.rounds.regroup import describe_regroup, imp_at_target, regroup_round
 from sparsify.rounds.rewind import rewind_model_
@@ -79,6 +80,74 @@ class Regroup(RoundHook):
         return {"regroup": parent_meta["regroup"]} if same_round and parent_meta.get("regroup") else {}
 
 
+def example_input(meta: dict, seed: int):
+    """One random input of the checkpoint's input shape, for tracing."""
+    import torch
+
+    return torch.randn(1, meta["in_channels"], meta["input_size"], meta["input_size"],
+                       generator=torch.Generator().manual_seed(seed))
+
+
+class ChannelCoupling(RoundHook):
+    """Pattern channel: producers the channel graph cannot follow are not pruned (the reason is recorded);
+    producers tied through residual adds are pruned together, by their summed scores."""
+
+    name, meta_key = "channel", "channel_groups"
+
+    def __init__(self) -> None:
+        self.before: dict = {}
+        self.tied: list[list[str]] = []
+
+    def active(self, sparsity) -> bool:
+        return getattr(PATTERNS.get(sparsity.pattern.type), "couples_channels", False)
+
+    def before_scores(self, round_: PruneRound) -> None:
+        groups = channel_groups(round_.model, example_input(round_.parent_meta, round_.seed), list(round_.masks))
+        for name in groups.skipped:
+            round_.masks.pop(name, None)
+        self.tied = [names for names in groups.tied if all(n in round_.masks for n in names)]
+        self.before = {n: round_.masks[n].clone() for names in self.tied for n in names}
+        round_.meta["channel_groups"] = groups.record()
+        skipped = len(groups.skipped)
+        if self.tied:
+            round_.notes.append(f"{len(self.tied)} sets of layers tied through residual adds pruned together")
+        if skipped:
+            round_.notes.append(f"{skipped} layer{'s' * (skipped != 1)} not pruned (the channel graph cannot "
+                                "follow them; see `sparsify report`)")
+
+    def after_select(self, round_: PruneRound) -> None:
+        number = round_.parent_meta["round"] + 1
+        taylor, scales = round_.taylor or {}, round_.channel_scales or {}
+        inputs = {n: ScoreInputs(n, round_.seed, number, taylor.get(n), scales.get(n)) for n in self.before}
+        weights = dict(round_.model.named_parameters())
+        round_.masks, round_.entries = tie_masks(self.before, round_.masks, round_.entries, weights, self.tied,
+                                                 criterion=round_.sparsity.criterion, pattern=round_.pattern,
+                                                 inputs=inputs)
+        self.before, self.tied = {}, []
+
+    def carry(self, parent_meta: dict, *, same_round: bool) -> dict:
+        return {"channel_groups": parent_meta["channel_groups"]} if "channel_groups" in parent_meta else {}
+
+
+class BatchNormScales(RoundHook):
+    """Criterion bn_scale: |gamma| of the BatchNorm right after each layer (layers without one score as l2)."""
+
+    name = "bn_scales"
+
+    def active(self, sparsity) -> bool:
+        return CRITERIA.get(sparsity.criterion).needs_channel_scales
+
+    def before_scores(self, round_: PruneRound) -> None:
+        from torch import fx
+
+        try:
+            after = batchnorm_after(fx.symbolic_trace(round_.model))
+        except Exception as exc:  # untraceable: no BatchNorm is known to follow any layer
+            after = {}
+            round_.notes.append(f"bn_scale: the model cannot be traced ({type(exc).__name__}); layers score as l2")
+        round_.channel_scales = batchnorm_scales(round_.model, ChannelGroups(batchnorm=after), round_.eligible)
+
+
 class Rewind(RoundHook):
     """Lottery-ticket rewinding: the kept weights go back to the rewind point (BatchNorm state included)."""
 
@@ -91,7 +160,8 @@ class Rewind(RoundHook):
         rewind_model_(round_.model, round_.rewind_point(), round_.masks, round_.pattern)
 
 
-ROUND_HOOKS: list[RoundHook] = [Regroup(), Permute(), TaylorSaliency(), Rewind()]  # a refused round costs nothing
+ROUND_HOOKS: list[RoundHook] = [Regroup(), ChannelCoupling(), BatchNormScales(), Permute(), TaylorSaliency(),
+                                Rewind()]  # a refused round costs nothing
 
 
 def carried_meta(parent_meta: dict, *, same_round: bool) -> dict:
