@@ -84,7 +84,7 @@ def test_tied_producers_are_pruned_together_by_their_summed_scores():
     pattern, names = ChannelPattern(), ["stem.weight", "conv2.weight"]
     weights = dict(model.named_parameters())
     before = full_masks(model, names, pattern)
-    settings = PruneSettings(pattern=pattern, criterion="l1", target=0.5, step=0.25, keep_rows=False)
+    settings = PruneSettings(pattern=pattern, criterion="l1", target=0.5, step=0.25)
     alone, entries = prune_round(weights, before, settings)
     assert alone["stem.weight"].reshape(-1).tolist() == [False] * 2 + [True] * 6
     assert alone["conv2.weight"].reshape(-1).tolist() == [True] * 6 + [False] * 2
@@ -125,16 +125,25 @@ def test_bn_scale_ranks_channels_by_the_absolute_gamma_after_the_layer():
     scores = score_groups("bn_scale", model.conv1.weight, ChannelPattern(),
                           ScoreInputs("conv1.weight", channel_scale=scales["conv1.weight"]))
     assert torch.argsort(scores.reshape(-1)).tolist() == [6, 2, 4, 0, 5, 3, 1, 7]
-    settings = PruneSettings(pattern=ChannelPattern(), criterion="bn_scale", target=0.5, step=0.5, keep_rows=False)
+    settings = PruneSettings(pattern=ChannelPattern(), criterion="bn_scale", target=0.5, step=0.5)
     masks, _ = prune_round({"conv1.weight": model.conv1.weight}, full_masks(model, ["conv1.weight"], ChannelPattern()),
                            settings, channel_scales=scales)
     assert masks["conv1.weight"].reshape(-1).tolist() == [False, True] * 4  # the 4 lowest |gamma|: 6, 2, 4, 0
 
 
-def test_keep_rows_and_balanced_are_refused_with_pattern_channel(tiny_config, cli):
-    for key in ("keep_rows", "balanced"):
-        code, _, err = cli("download", "-c", tiny_config(sparsity={"pattern": {"type": "channel"}, key: True}))
-        assert code == 1 and f"sparsity.{key}" in err and len(err.strip().splitlines()) == 1
+def test_balanced_is_refused_with_pattern_channel(tiny_config, cli):
+    code, _, err = cli("download", "-c", tiny_config(sparsity={"pattern": {"type": "channel"}, "balanced": True}))
+    assert code == 1 and "sparsity.balanced" in err and len(err.strip().splitlines()) == 1
+
+
+def test_keep_cols_keeps_one_channel_and_keep_rows_does_not_apply():
+    weight = nn.Parameter(torch.randn(4, 2, 1, 1, generator=torch.Generator().manual_seed(0)))
+    masks = {"w": torch.ones(4, 1, dtype=torch.bool)}
+    for keep_cols, kept in ((True, 1), (False, 0)):
+        settings = PruneSettings(pattern=ChannelPattern(), criterion="l1", target=1.0, step=1.0, keep_rows=True,
+                                 keep_cols=keep_cols)
+        new, _ = prune_round({"w": weight}, masks, settings)
+        assert int(new["w"].sum()) == kept
 
 
 @pytest.mark.parametrize("criterion", ["l2", "bn_scale"])

@@ -77,6 +77,6 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tiny_config, cli):
 
 def test_unknown_names_list_what_is_registered(tiny_config, cli):
     code, _, err = cli("download", "-c", tiny_config(sparsity={"criterion": "bogus"}))
-    assert code == 1 and "unknown criterion 'bogus'; choose one of: l1, l2, random, taylor, variance" in err
+    assert code == 1 and "unknown criterion 'bogus'; choose one of: bn_scale, l1, l2, random, taylor, variance" in err
     code, _, err = cli("download", "-c", tiny_config(sparsity={"method": "bogus"}))
     assert code == 1 and "unknown method 'bogus'; choose one of: dsr, gradual, gumbel, static" in err

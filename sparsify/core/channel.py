@@ -45,15 +45,12 @@ class ChannelPattern(Pattern):
 
     @classmethod
     def apply_config_rules(cls, sparsity, given: set[str]) -> None:
-        """keep_rows would keep every row (one group per row) and balanced has no rows to balance."""
+        """balanced has no row to balance (a row is one group); keep_rows does not apply, keep_cols keeps one
+        channel in every layer."""
         super().apply_config_rules(sparsity, given)
-        if "keep_rows" in given and sparsity.keep_rows:
-            raise SparsifyError("sparsity.keep_rows keeps one group in every output row, and with pattern channel "
-                                "a row is one group; set keep_rows: false (keep_cols keeps one channel per layer)")
         if sparsity.balanced:
             raise SparsifyError("sparsity.balanced spreads zeros over the groups of each output row, and with "
                                 "pattern channel a row is one group; set balanced: false")
-        sparsity.keep_rows = False
 
     def ineligible_reason(self, module: nn.Module, shape: tuple[int, ...]) -> str | None:
         reason = conv_or_linear_reason(module)

@@ -5,7 +5,8 @@ Counting rules (scope `layer`), per eligible layer with G groups of which `kept`
   floor(target * cols) groups, so T = rows * floor(target * cols);
 - a round zeros ceil(step * kept) groups (`step_basis: remaining`) or ceil(step * T)
   (`step_basis: target`), at least one, and never more than T minus the zeros already there;
-- a group whose removal would break a constraint is skipped for the next-best one.
+- a group whose removal would break a constraint is skipped for the next-best one; keep_rows does not
+  apply to a grid of one column (pattern channel: a row is one group).
 Scope `global` (pattern unstructured): the same counts over all eligible layers together, with one
 ranking of the criterion's raw scores (see `prune_round_global`).
 """
@@ -154,7 +155,7 @@ def prune_layer(name: str, weight: torch.Tensor, mask: torch.Tensor, settings: P
     if count == 0:
         return mask, LayerRound(name, grid.size, zeros, zeros, target, 0)
     scores = pattern.grid(score_groups(settings.criterion, weight, pattern, inputs)).cpu().numpy()
-    row_cap = cols - 1 if settings.keep_rows else cols
+    row_cap = cols - 1 if settings.keep_rows and cols > 1 else cols  # a row of one group (channel): no cap
     if settings.balanced:
         row_cap = min(row_cap, math.floor(layer_target * cols + _EPS))
     col_cap = rows - 1 if settings.keep_cols else rows
@@ -275,7 +276,7 @@ def prune_round_global(
 
 def _caps(grid_shape: tuple[int, int], settings: PruneSettings) -> dict:
     rows, cols = grid_shape
-    return {"row_cap": cols - 1 if settings.keep_rows else cols, "col_cap": rows - 1 if settings.keep_cols else rows}
+    return {"row_cap": cols - 1 if settings.keep_rows and cols > 1 else cols, "col_cap": rows - 1 if settings.keep_cols else rows}
 
 
 def _global_result(masks, grids, new, asked, settings):
