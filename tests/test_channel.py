@@ -169,3 +169,28 @@ def test_the_shell_loop_prunes_channels_until_exit_3(criterion, tiny_config, cli
     tied = [name for name in rows if name.startswith("layer2") and name.endswith(("conv2.weight", "0.weight"))]
     kept = {name: rows[name]["groups_kept"] for name in tied}
     assert len(set(kept.values())) == 1 and kept, kept
+
+
+def test_tied_producers_with_their_own_targets_prune_to_the_lowest():
+    model = Residual()
+    pattern, names = ChannelPattern(), ["stem.weight", "conv2.weight"]
+    weights = dict(model.named_parameters())
+    before = full_masks(model, names, pattern)
+    settings = PruneSettings(pattern=pattern, criterion="l1", target=0.5, step=1.0,
+                             layer_targets={"stem.weight": 0.25, "conv2.weight": 0.75})
+    alone, entries = prune_round(weights, before, settings)
+    assert [e.zeros_after for e in entries] == [2, 6]
+    masks, entries = tie_masks(before, alone, entries, weights, [names], criterion="l1", pattern=pattern,
+                               inputs={n: ScoreInputs(n) for n in names})
+    assert [e.zeros_after for e in entries] == [2, 2] and torch.equal(masks["stem.weight"], masks["conv2.weight"])
+
+
+def test_taylor_scores_channels_through_the_prune_round(tiny_config, cli, tmp_path):
+    config = tiny_config(sparsity={"pattern": {"type": "channel"}, "criterion": "taylor", "criterion_batches": 1},
+                         data={"limit_train_batches": 1, "limit_val_batches": 1})
+    assert cli("download", "-c", config)[0] == 0
+    code, out, err = cli("prune", "-c", config)
+    assert code == 0 and "tied through residual adds pruned together" in out + err, out + err
+    latest = sorted((tmp_path / "runs/tiny/checkpoints").iterdir())[-1]
+    code, out, err = cli("check", latest)
+    assert code == 0, out + err
