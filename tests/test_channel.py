@@ -186,7 +186,8 @@ def test_tied_producers_with_their_own_targets_prune_to_the_lowest():
 
 
 def test_taylor_scores_channels_through_the_prune_round(tiny_config, cli, tmp_path):
-    config = tiny_config(sparsity={"pattern": {"type": "channel"}, "criterion": "taylor", "criterion_batches": 1},
+    config = tiny_config(sparsity={"pattern": {"type": "channel"}, "method": "static", "criterion": "taylor",
+                                   "criterion_batches": 1},
                          data={"limit_train_batches": 1, "limit_val_batches": 1})
     assert cli("download", "-c", config)[0] == 0
     code, out, err = cli("prune", "-c", config)

@@ -10,3 +10,4 @@ from sparsify.registry import METHODS
 class Static(Method):
     name = "static"
     summary = "masks fixed during training; `prune` rounds shrink them"
+    patterns = ("block", "unstructured", "nm", "channel")
