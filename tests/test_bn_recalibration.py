@@ -113,6 +113,10 @@ def test_prune_eval_prints_before_and_after_and_the_checkpoint_records_it(tiny_c
     assert record["batches"] == 2 and record["layers"] == layers == 9
     assert f"val top-1 {record['val_acc1_before']:.2f}% before, {record['val_acc1_after']:.2f}% after" in out
     assert int(tensors["model.layer1.0.bn1.num_batches_tracked"]) == 2
+    code, out, err = cli("report", "-c", config)
+    assert code == 0, err
+    assert (f"BatchNorm re-estimated on 2 batches ({layers} layers); val top-1 {record['val_acc1_before']:.2f}% "
+            f"before, {record['val_acc1_after']:.2f}% after") in " ".join(out.split())  # notes wrap at 80 columns
 
 
 def test_re_estimation_changes_only_batchnorm_buffers_and_masks_stay_exact(tiny_config, cli):

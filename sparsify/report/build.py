@@ -69,6 +69,7 @@ def build_report(target: Path) -> dict:
         "rounds": curves,
         "problems": problems + more,  # side files a report could not read in full
         "permutation": meta.get("permutation"),
+        "bn_recalibration": meta.get("bn_recalibration"),  # a pruned checkpoint's BatchNorm re-estimation
         "activations": activation_rows(meta),
         "bench": bench_summary(run.root) if run else None,  # the run's latest `sparsify bench`
     }

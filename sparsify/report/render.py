@@ -229,6 +229,7 @@ def render_table(report: dict, *, width: int | None = None) -> str:
                                 left=("parameter", "block sizes")), REGROUP_NOTE])
     notes = [f"constraint: {item['parameter']}: {item['note']}" for item in report["constraints"]]
     notes += permutation_lines(report.get("permutation"))
+    notes += bn_recalibration_lines(report.get("bn_recalibration"))
     notes += bench_lines(report.get("bench"))
     notes += [f"could not read: {problem}" for problem in report.get("problems", [])]
     if notes:
@@ -294,6 +295,15 @@ def bench_lines(bench: dict | None) -> list[str]:
         lines.append(f"  batch {row['batch']} {row['model']}: {row['median_ms']:.2f} ms, {row['images_per_s']:.1f} "
                      f"images/s, {row['vs_dense']:.3f}x dense's time")
     return lines
+
+
+def bn_recalibration_lines(record: dict | None) -> list[str]:
+    """'BatchNorm re-estimated on N batches (K layers)', with prune --eval's top-1 before and after."""
+    if not record:
+        return []
+    shown = (f"; val top-1 {record['val_acc1_before']:.2f}% before, {record['val_acc1_after']:.2f}% after"
+             if "val_acc1_after" in record else "")
+    return [f"BatchNorm re-estimated on {record['batches']} batches ({record['layers']} layers){shown}"]
 
 
 def permutation_lines(record: dict | None) -> list[str]:
