@@ -42,6 +42,7 @@ class ReportFormat(str, Enum):
     json = "json"
     csv = "csv"
     markdown = "markdown"
+    html = "html"
 
 
 class CheckFormat(str, Enum):
@@ -326,15 +327,27 @@ def report(
     ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
-    format_: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
+    format_: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format (html: one self-contained "
+                                                  "file with the figures).")] = ReportFormat.table,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE",
+                                                   help="Write the report to FILE instead of stdout.",
+                                                   show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="DIR", help="Also write the figures to DIR as "
+                                                 "PNG and SVG (needs the [plot] extra).", show_default=False)] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", metavar="GLOB", help="Layers whose masks are drawn, "
+                                                  "e.g. 'layer1.*' (default: the largest few).",
+                                                  show_default=False)] = None,
 ) -> None:
-    """Per-layer sparsity table, model summary and round history."""
-    from sparsify.report.build import build_report
-    from sparsify.report.render import render
+    """Per-layer sparsity table, model summary and round history; figures with --plot or --format html."""
+    from sparsify.report.publish import publish_report
 
     if target is None:
         target = load(config, set_).run_dir
-    say(render(build_report(target), format_.value))
+    published = publish_report(target, format_.value, output=output, plot_dir=plot, layers=layers)
+    for message in published.messages:
+        typer.echo(message, err=True)
+    if published.text is not None:
+        say(published.text)
 
 
 @app.command()

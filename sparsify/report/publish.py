@@ -1,0 +1,83 @@
+"""`sparsify report` from start to end: check where it writes, build the report, draw the figures when
+they are asked for (--plot DIR, --format html), render and write.
+
+Everything that can be refused is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sparsify.errors import SparsifyError
+from sparsify.io.files import atomic_write_bytes
+from sparsify.report.build import build_report, locate
+from sparsify.report.plots import has_matplotlib, require_matplotlib
+from sparsify.report.series import choose_layers
+
+
+@dataclass
+class Published:
+    text: str | None  # the report for stdout; None when it went to a file
+    messages: list[str] = field(default_factory=list)  # what was written or skipped (stderr)
+
+
+def check_destinations(fmt: str, *, output: Path | None, plot_dir: Path | None, layers: str | None) -> None:
+    """Refuse an output file or figure folder that cannot be written, and --layers without figures."""
+    if layers is not None and plot_dir is None and fmt != "html":
+        raise SparsifyError("--layers chooses the mask pictures of --plot DIR and --format html; add one of them")
+    if output is not None:
+        if output.is_dir():
+            raise SparsifyError(f"-o {output} is a folder; give a file name, e.g. -o {output / 'report.html'}")
+        if not output.parent.is_dir():
+            raise SparsifyError(f"-o {output}: the folder {output.parent} does not exist; create it first")
+    if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
+        raise SparsifyError(f"--plot {plot_dir} is a file; give a folder for the figures (it is created if needed)")
+
+
+def run_config_text(report: dict) -> str | None:
+    """The run's config.yaml as text (None for a checkpoint outside a run folder or without one)."""
+    run = locate(Path(report["checkpoint"]))[1]
+    path = run.root / "config.yaml" if run else None
+    try:
+        return path.read_text(encoding="utf-8", errors="replace") if path else None
+    except OSError:
+        return None
+
+
+def publish_report(target: Path, fmt: str, *, output: Path | None = None, plot_dir: Path | None = None,
+                   layers: str | None = None) -> Published:
+    """The report of `target` in `fmt` (table, json, csv, markdown, html), figures in `plot_dir` when given,
+    masks drawn for the layers matching `layers` (default: the largest few)."""
+    from sparsify.report.render import render
+
+    check_destinations(fmt, output=output, plot_dir=plot_dir, layers=layers)
+    if plot_dir is not None:
+        require_matplotlib()
+    if fmt not in ("table", "json", "csv", "markdown", "html"):
+        raise SparsifyError(f"unknown report format {fmt!r}; choose table, json, csv, markdown or html")
+    report = build_report(target)
+    chosen = choose_layers(report["layers"], layers)
+    published = Published(None)
+    figures, notes = None, []
+    if plot_dir is not None or (fmt == "html" and has_matplotlib()):
+        from sparsify.report.figures import report_figures, write_figures
+
+        figures, notes = report_figures(report, layers=chosen)
+        if plot_dir is not None:
+            write_figures(figures, plot_dir)
+            published.messages += [f"wrote {len(figures)} figures to {plot_dir} (PNG and SVG each)", *notes]
+    if fmt == "html":
+        from sparsify.report.figures import png_bytes
+        from sparsify.report.html import render_html
+
+        shown = [(f.name, f.title, png_bytes(f.figure)) for f in figures] if figures is not None else None
+        text = render_html(report, figures=shown, notes=notes, config_text=run_config_text(report))
+    else:
+        text = render(report, fmt)
+    if output is None:
+        published.text = text
+    else:
+        atomic_write_bytes(output, (text if text.endswith("\n") else text + "\n").encode("utf-8"))
+        published.messages.append(f"wrote {output}")
+    return published
