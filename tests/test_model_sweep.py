@@ -59,7 +59,7 @@ runs_dir: {runs}
 model: {{arch: {arch}, weights: null, num_classes: {classes}, input_size: {size}}}
 data: {{dataset: fake, fake_samples: 2, batch_size: 2, limit_train_batches: 1, limit_val_batches: 1}}
 sparsity: {{pattern: {{type: block, block: [8, 8]}}, target: 0.5, step: 0.5, include_linear: true}}
-train: {{lr: 0.01}}
+train: {{lr: 0.01, clip_grad_norm: 1.0}}
 """
 
 
