@@ -98,14 +98,15 @@ def png_bytes(figure) -> bytes:
     return figure_bytes(figure, "png")
 
 
-def write_figures(figures: list[plots.NamedFigure], folder: Path) -> list[Path]:
-    """<folder>/<name>.png and .svg for each figure (the folder is made); the paths written."""
+def write_figures(figures: list[plots.NamedFigure], folder: Path) -> dict[str, bytes]:
+    """<folder>/<name>.png and .svg for each figure (the folder is made); the PNG bytes by figure name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    pngs = {}
     for item in figures:
         for fmt in ("png", "svg"):
-            path = folder / f"{file_stem(item.name)}.{fmt}"
-            atomic_write_bytes(path, figure_bytes(item.figure, fmt))
-            written.append(path)
-    return written
+            data = figure_bytes(item.figure, fmt)
+            atomic_write_bytes(folder / f"{file_stem(item.name)}.{fmt}", data)
+            if fmt == "png":
+                pngs[item.name] = data
+    return pngs

@@ -72,10 +72,12 @@ def rounds_figure(points: list[dict], *, dense_acc1: float | None, target: float
         top.axhline(dense_acc1, color="#555555", ls="--", lw=1.2, label=f"dense {dense_acc1:.2f}%")
     if not done and not pruned:
         top.text(0.5, 0.5, "no evaluated round in the history", transform=top.transAxes, ha="center", color="#777777")
+        top.set_yticks([])
     top.set_ylabel("val top-1 (%)")
     top.set_title("top-1 and sparsity per round")
     top.margins(y=0.2)
-    top.legend(loc="lower left")
+    if done or pruned or dense_acc1 is not None:
+        top.legend(loc="lower left")
     sparsity = [100 * (p["sparsity"] or 0) for p in points]
     bottom.bar(rounds, sparsity, color=PRUNED, width=0.6)
     for x, y in zip(rounds, sparsity):
@@ -147,7 +149,9 @@ def mask_figure(name: str, grid, *, share: bool, weight_shape: str, pattern: str
                       interpolation="nearest" if max(rows, columns) <= 256 else "antialiased")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(MaxNLocator(integer=True))
-    if not share and max(rows, columns) <= 64:  # cell edges
+    if columns == 1:  # a channel mask: one column for all input channels
+        ax.set_xticks([])
+    if not share and max(rows, columns) <= 64 and min(rows, columns) > 1:  # cell edges
         ax.set_xticks([x - 0.5 for x in range(1, columns)], minor=True)
         ax.set_yticks([y - 0.5 for y in range(1, rows)], minor=True)
         ax.grid(which="minor", color="white", alpha=1, lw=1.5 if max(rows, columns) <= 32 else 0.6)
@@ -218,7 +222,7 @@ def sensitivity_figure(value: str, curves: dict[str, list[tuple[float, float]]])
         ax.plot([100 * x for x in xs], ys, "o-", ms=4, lw=1.5, color=cmap(index / max(len(curves) - 1, 1)),
                 label=short(name))
     ax.set_xlabel("sparsity of the layer alone (%)")
-    ax.set_ylabel(value)
+    ax.set_ylabel(value.replace("_", " "))
     ax.set_title("sensitivity: each layer pruned alone")
     ax.legend(fontsize=8, ncol=1 if legend_inside else 2, loc="upper left" if legend_inside else "center left",
               bbox_to_anchor=None if legend_inside else (1.01, 0.5))

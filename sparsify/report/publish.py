@@ -59,19 +59,20 @@ def publish_report(target: Path, fmt: str, *, output: Path | None = None, plot_d
     report = build_report(target)
     chosen = choose_layers(report["layers"], layers)
     published = Published(None)
-    figures, notes = None, []
+    figures, notes, pngs = None, [], {}
     if plot_dir is not None or (fmt == "html" and has_matplotlib()):
         from sparsify.report.figures import report_figures, write_figures
 
         figures, notes = report_figures(report, layers=chosen)
         if plot_dir is not None:
-            write_figures(figures, plot_dir)
+            pngs = write_figures(figures, plot_dir)
             published.messages += [f"wrote {len(figures)} figures to {plot_dir} (PNG and SVG each)", *notes]
     if fmt == "html":
         from sparsify.report.figures import png_bytes
         from sparsify.report.html import render_html
 
-        shown = [(f.name, f.title, png_bytes(f.figure)) for f in figures] if figures is not None else None
+        shown = ([(f.name, f.title, pngs.get(f.name) or png_bytes(f.figure)) for f in figures]
+                 if figures is not None else None)
         text = render_html(report, figures=shown, notes=notes, config_text=run_config_text(report))
     else:
         text = render(report, fmt)
