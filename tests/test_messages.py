@@ -79,7 +79,7 @@ def test_debug_prints_the_traceback_from_the_command_line(workdir):
 def test_running_out_of_memory_is_not_called_a_bug():
     import torch
 
-    from sparsify.cli import unexpected_line
+    from sparsify.cli_errors import unexpected_line
 
     with pytest.raises(RuntimeError) as info:  # the CPU allocator's refusal, without touching that memory
         torch.empty(2**62, dtype=torch.uint8)

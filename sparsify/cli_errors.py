@@ -1,0 +1,80 @@
+"""How the command line ends a command: one line per error (a traceback only under --debug or
+SPARSIFY_DEBUG=1, or for a bug), results on stdout and remarks on stderr from rank 0 only."""
+
+from __future__ import annotations
+
+from functools import wraps
+
+import click
+import typer
+
+from sparsify.errors import SparsifyError
+
+
+def fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}" if code == 1 else message, err=True, fg="red" if code == 1 else "yellow")
+    raise typer.Exit(code)
+
+
+DEBUG_ENV = "SPARSIFY_DEBUG"
+
+
+def debugging() -> bool:
+    """True under --debug or SPARSIFY_DEBUG=1: unexpected exceptions keep their traceback."""
+    import os
+
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def reports_errors(func):
+    """Turn SparsifyError into one line on stderr and its exit code (no traceback); any other
+    exception into one line saying it is a bug (its traceback under --debug or SPARSIFY_DEBUG=1)."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SparsifyError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            typer.secho("interrupted; finished stages are kept, rerun the command to continue", err=True)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if debugging():
+                raise
+            fail(unexpected_line(exc), 1)
+
+    return wrapper
+
+
+def unexpected_line(exc: Exception) -> str:
+    """One line for an exception sparsify did not expect: out of memory, or a bug to report."""
+    from sparsify.errors import original_message
+
+    lines = [line.strip() for line in original_message(str(exc), type(exc)).splitlines() if line.strip()]
+    text = " ".join(lines)
+    text = text if len(text) <= 300 else text[:297] + "..."
+    kind = type(exc).__name__
+    if isinstance(exc, MemoryError) or kind == "OutOfMemoryError" or "can't allocate memory" in text:
+        return (f"out of memory ({kind}{': ' + text if text else ''}); lower data.batch_size (or model.input_size, "
+                "data.workers) and run the command again")
+    return (f"{kind}{': ' + text if text else ''} (this is a bug in sparsify; rerun with --debug or "
+            f"{DEBUG_ENV}=1 for the traceback and report it)")
+
+
+def note(message: str) -> None:
+    """A remark on stderr (under torchrun, from rank 0 only)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message, err=True)
+
+
+def say(message: str) -> None:
+    """A result line on stdout (under torchrun, from rank 0 only)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message)
