@@ -106,6 +106,9 @@ def test_choose_layers_by_glob_or_the_largest_in_model_order_and_refuse_a_glob_m
     assert series.choose_layers(rows, "a") == ["a.weight"]  # the name without .weight matches too
     with pytest.raises(SparsifyError, match=r"--layers 'fc\*' matches no layer with a mask; these have one: a.weight"):
         series.choose_layers(rows, "fc*")
+    with pytest.raises(SparsifyError, match=r"--layers 'a': this checkpoint has no mask to draw \(it is dense\)"):
+        series.choose_layers([{**row, "groups": None} for row in rows], "a")
+    assert series.choose_layers([{**row, "groups": None} for row in rows], None) == []
 
 
 def test_mask_grid_is_the_group_grid_or_the_share_of_taps_kept():

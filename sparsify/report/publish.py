@@ -66,7 +66,8 @@ def publish_report(target: Path, fmt: str, *, output: Path | None = None, plot_d
         figures, notes = report_figures(report, layers=chosen)
         if plot_dir is not None:
             pngs = write_figures(figures, plot_dir)
-            published.messages += [f"wrote {len(figures)} figures to {plot_dir} (PNG and SVG each)", *notes]
+            count = f"{len(figures)} figure" + ("s" if len(figures) != 1 else "")
+            published.messages += [f"wrote {count} to {plot_dir} (PNG and SVG each)", *notes]
     if fmt == "html":
         from sparsify.report.figures import png_bytes
         from sparsify.report.html import render_html

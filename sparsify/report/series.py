@@ -135,9 +135,11 @@ def choose_layers(rows: list[dict], glob: str | None, *, count: int = DEFAULT_MA
         return [r["parameter"] for r in masked if r in largest]
     chosen = [r["parameter"] for r in masked
               if fnmatch.fnmatchcase(r["parameter"], glob) or fnmatch.fnmatchcase(r["parameter"].removesuffix(".weight"), glob)]
+    if not masked:
+        raise SparsifyError(f"--layers {glob!r}: this checkpoint has no mask to draw (it is dense); leave --layers out")
     if not chosen:
         names = ", ".join(r["parameter"] for r in masked[:6]) + (", ..." if len(masked) > 6 else "")
-        raise SparsifyError(f"--layers {glob!r} matches no layer with a mask; these have one: {names or 'none'} "
+        raise SparsifyError(f"--layers {glob!r} matches no layer with a mask; these have one: {names} "
                             "(a glob over parameter names, e.g. 'layer1.*')")
     return chosen
 
