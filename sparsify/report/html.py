@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sparsify import __version__
 from sparsify.report.render import (
-    _ACTIVATION_HEAD, _HISTORY_HEAD, _LAYER_NOTE, _REGROUP_HEAD, _ROUNDS_HEAD, _TENSOR_HEAD, _display_activations,
+    _ACTIVATION_HEAD, _HISTORY_HEAD, _LAYER_NOTE, _REGROUP_HEAD, _ROUNDS_HEAD, _ROUNDS_NOTE, _TENSOR_HEAD, _display_activations,
     _display_history, _display_layers, _display_regroup, _display_rounds, _display_summary, _display_tensors,
     _layer_head, _title, bench_lines, bn_recalibration_lines, outcome_line, permutation_lines,
 )
@@ -121,8 +121,7 @@ def history_tables(report: dict) -> list[str]:
                                                                 left=("stage", "command"))))
     if report.get("rounds"):
         parts.append(section("rounds", "training per round", table(_ROUNDS_HEAD, _display_rounds(report)),
-                             paragraphs(["first / last loss: train loss of the round's first and last "
-                                         "metrics.csv row"])))
+                             paragraphs([_ROUNDS_NOTE])))
     return parts
 
 

@@ -80,6 +80,7 @@ _ROUNDS_HEAD = ["round", "epochs", "first loss", "last loss", "top-1"]
 _TENSOR_HEAD = ["parameter tensor", "# total", "# nonzero", "sparsity"]
 _ACTIVATION_HEAD = ["site", "kind", "quarters", "mask\ndensity", "measured\ndensity"]
 _REGROUP_HEAD = ["parameter", "blocks", "block sizes", "density\nbefore", "density\nafter", "added", "removed"]
+_ROUNDS_NOTE = "first loss, last loss: train loss of the round's first and last metrics.csv row"
 _LAYER_NOTE = ("sparsity: zeroed weights of the layer; this round: share of its groups zeroed by this "
                "checkpoint's prune round")
 
@@ -237,8 +238,8 @@ def render_table(report: dict, *, width: int | None = None) -> str:
     if report["history"]:
         sections.append([_table("history", _HISTORY_HEAD, _display_history(report), width=width, left=("stage", "command"))])
     if report.get("rounds"):
-        sections.append([_table("training per round (train loss of the first and last metrics.csv row)",
-                                _ROUNDS_HEAD, _display_rounds(report), width=width)])
+        sections.append([_table("training per round", _ROUNDS_HEAD, _display_rounds(report), width=width),
+                         _ROUNDS_NOTE])
     for section in sections:
         console.print()
         for item in section:
