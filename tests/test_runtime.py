@@ -92,23 +92,31 @@ def test_blockgemm_keeps_the_weights_outside_blocks_in_a_csr_remainder():
     layer = SparseLayer(conv, mask)
     layer.use("blockgemm")
     sparse = [part for part in layer.executor.parts if part.sparse]
-    assert len(sparse) == 1 and sparse[0].rows.count == 1
+    assert len(sparse) == 1 and sparse[0].rows.tolist() == [5]
     assert sparse[0].weight._nnz() == int((conv.weight[5] != 0).sum())
     x = torch.randn(3, 8, 6, 6)
     assert torch.allclose(layer(x), dense_output(conv, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("limit, grid", [(100.0, True), (1.0, False)])
-def test_blockgemm_grid_and_exact_rows_give_the_same_output(limit, grid):
-    conv = nn.Conv2d(16, 32, 3, padding=1)  # 7x7 input: the 9x9 padded plane is 1.65x the output
+@pytest.mark.parametrize("limit, grid, chunk, threads", [(100.0, True, 1, 1), (1.0, False, 1 << 20, 2),
+                                                         (100.0, True, 1, 2)])
+def test_blockgemm_grid_and_exact_rows_and_image_chunks_give_the_same_output(limit, grid, chunk, threads):
+    conv = nn.Conv2d(16, 32, 3, padding=1)  # 7x7 input: a grid row computes 9 x 9 positions for 7 x 7
     mask = clustered_mask(tuple(conv.weight.shape), clusters=4, keep=0.2)
     layer = SparseLayer(conv, mask)
     executor = BlockGemm()
     executor.grid_waste_limit = limit
     executor.prepare(conv, mask)
+    executor.runner.chunk_elements = chunk  # 1: one image per chunk, on the worker threads when threads > 1
     layer.executor = executor
-    x = torch.randn(2, 16, 7, 7)
-    assert torch.allclose(layer(x), dense_output(conv, x), rtol=1e-4, atol=1e-5)
+    x = torch.randn(5, 16, 7, 7)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert torch.allclose(layer(x), dense_output(conv, x), rtol=1e-4, atol=1e-5)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
     assert executor.plan(7, 7)[0].grid is grid
 
 
@@ -173,12 +181,18 @@ def test_a_layer_rebuilds_its_executor_when_its_dtype_changes():
 def test_time_candidates_drops_a_hopeless_candidate_and_adapts_its_repeats():
     import time
 
-    slow = time_candidates({"dense": lambda: None, "slow": lambda: time.sleep(0.004)},
-                           TimingSettings(budget_s=10.0, min_repeats=3, max_repeats=6))
-    assert slow.repeats == 6 and set(slow.ms) == {"dense"} and "over 2x dense" in slow.dropped["slow"]
-    quick = time_candidates({"dense": lambda: None, "other": lambda: None},
-                            TimingSettings(budget_s=0.0, min_repeats=3, max_repeats=50))
-    assert quick.repeats == 3 and set(quick.ms) == {"dense", "other"}
+    calls = {"dense": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.006), "other": lambda: time.sleep(0.001)}
+    slow = time_candidates(calls, TimingSettings(budget_s=10.0, min_repeats=3, max_repeats=6))
+    assert slow.repeats == 6 and set(slow.ms) == {"dense", "other"}
+    assert slow.dropped["slow"].endswith("ms first call, over 2x dense; not timed further") or \
+        slow.dropped["slow"].endswith("ms first call, over 2x other; not timed further")
+    warmed = time_candidates(calls, TimingSettings(budget_s=0.0, min_repeats=3, max_repeats=50),
+                             warm={"dense": 0.001, "slow": 0.001, "other": 0.001})  # no drop before a timed run
+    assert warmed.repeats == 3 and set(warmed.ms) == {"dense", "other"} and "timed run, over 1.5x" in \
+        warmed.dropped["slow"]
+    alone = time_candidates({"dense": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.006)},
+                            TimingSettings(budget_s=10.0, min_repeats=3, max_repeats=6))
+    assert alone.repeats == 1 and set(alone.ms) == {"dense"}  # nothing left to compare dense with
 
 
 def test_pick_needs_the_margin():

@@ -19,7 +19,8 @@ from sparsify.runtime.base import (
     Executor, Geometry, as_batched_image, matrix_reason, restore_shape, sparse_beta_quiet, weight_matrix,
 )
 from sparsify.runtime.blocks import mask_matrix, row_groups
-from sparsify.runtime.im2col import Im2col, Rows, fill_rows_
+from sparsify.runtime.im2col import GRID_WASTE_LIMIT
+from sparsify.runtime.parts import Part, PartsRunner
 
 SIZES = (8, 4, 2)
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -99,33 +100,15 @@ class Bsr(Executor):
         packed = weights.new_zeros(height, width)
         packed[: rows.size, : columns.size] = weights[torch.from_numpy(rows)][:, torch.from_numpy(columns)]
         with sparse_beta_quiet():
-            self.weight = packed.to_sparse_bsr((self.size, self.size))
-        self.columns = np.concatenate([columns, np.full(width - columns.size, columns[0])])  # padding: zero weights
-        self.rows = Rows(rows, device)
-        self.empty = Rows(empty, device)
-        self.bias = None if module.bias is None else module.bias.detach()
-        self.row_bias = None if self.bias is None else self.bias[self.rows.index].unsqueeze(1)
-        self.plans: dict[tuple[int, int], tuple[Im2col, torch.Tensor]] = {}
-
-    def plan(self, height: int, width: int) -> tuple[Im2col, torch.Tensor]:
-        key = (height, width)
-        if key not in self.plans:
-            im2col = Im2col(self.geometry, height, width)
-            self.plans[key] = (im2col, im2col.index(self.columns, self.rows.index.device))
-        return self.plans[key]
+            tiles_ = packed.to_sparse_bsr((self.size, self.size))
+        padded = np.concatenate([columns, np.full(width - columns.size, columns[0])])  # padding: zero weights
+        bias = None if module.bias is None else module.bias.detach()
+        self.runner = PartsRunner(self.geometry, [Part(rows, padded, tiles_, bias)], empty, bias, device=device,
+                                  grid_waste_limit=GRID_WASTE_LIMIT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images, lead = as_batched_image(x, self.geometry)
-        n = images.shape[0]
-        im2col, index = self.plan(images.shape[2], images.shape[3])
-        gathered = im2col.gather(im2col.view(im2col.buffer(images), n), index)
-        y = (self.weight @ gathered)[: self.rows.count]
-        if self.row_bias is not None:
-            y = y.add_(self.row_bias)
-        out = images.new_empty(n, self.geometry.out_channels, im2col.out_h, im2col.out_w)
-        self.rows.write_(out, im2col.output(y, n))
-        fill_rows_(out, self.empty, self.bias)
-        return restore_shape(out, lead, self.geometry)
+        return restore_shape(self.runner.run(images), lead, self.geometry)
 
     def describe(self) -> str:
         return f"{self.size}x{self.size} tiles storing {self.fill:.2f}x the kept weights"

@@ -1,22 +1,24 @@
 """Implicit im2col: the rows of the (CIN*kh*kw, N*OH*OW) column matrix, gathered only where a block needs them.
 
 Column c = (cin, i, j) of a conv's weight matrix multiplies the input channel cin shifted by tap
-(i*dh, j*dw). The input is copied once into a padded buffer split into stride phases, (N, phases,
-CIN, Hq, Wq), where tap i of stride sh lives in phase (i*dh) % sh at row shift (i*dh) // sh. Then
-every column is a fixed offset into that buffer, and the rows a block needs are one `index_select`
-on an overlapping strided view: each gathered row is N runs of contiguous memory.
+(i*dh, j*dw). The input is copied once into a zero-padded buffer split into stride phases, (N,
+phases, CIN, plane_h, plane_w), where tap i of stride sh lives in phase (i*dh) % sh at row shift
+(i*dh) // sh. Then every column is a fixed offset into that buffer, and the rows a block needs are
+one `index_select` on an overlapping strided view: each gathered row is N runs of contiguous memory.
 
-Two row layouts: `grid` rows span the whole Hq x Wq phase plane (plain copies; the GEMM also
-computes the positions outside OH x OW, which are cut off afterwards), exact rows span OH x OW
-(no wasted GEMM columns, but shorter runs to copy). `grid` is used where the plane is at most
-`grid_waste_limit` times OH x OW. A Linear, or a 1x1 conv with stride 1 and no padding, reads its
-input in place: no copy at all.
+Two row layouts: `grid` rows span whole plane rows (plain copies; the GEMM also computes the
+positions right of OW and below OH, cut off afterwards), exact rows span OH x OW (no wasted GEMM
+columns, but shorter runs to copy). `grid` is used where it computes at most `grid_waste_limit`
+times OH x OW positions; each plane has spare zero rows at its bottom so a grid row read from the
+last shift stays inside the buffer. A Linear, or a 1x1 conv with stride 1 and no padding, reads
+its input in place: no copy at all.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sparsify.errors import SparsifyError
 from sparsify.runtime.base import Geometry
@@ -43,14 +45,15 @@ class Im2col:
         taps_h, taps_w = taps(kh, sh, dh), taps(kw, sw, dw)
         self.phases_h = sorted({p for p, _ in taps_h})
         self.phases_w = sorted({p for p, _ in taps_w})
-        self.plane_h = self.out_h + max(s for _, s in taps_h)
-        self.plane_w = self.out_w + max(s for _, s in taps_w)
-        plane = self.plane_h * self.plane_w
-        self.margin = max(s for _, s in taps_h) * self.plane_w + max(s for _, s in taps_w)
-        self.direct = (self.margin == 0 and len(self.phases_h) == len(self.phases_w) == 1
-                       and (self.plane_h, self.plane_w) == (height, width) and geometry.padding == (0, 0))
-        self.sample = len(self.phases_h) * len(self.phases_w) * geometry.in_channels * plane
-        self.grid = self.direct or plane <= grid_waste_limit * self.out_h * self.out_w
+        shift_h, shift_w = max(s for _, s in taps_h), max(s for _, s in taps_w)
+        self.rows_used = self.out_h + shift_h  # plane rows a gathered grid row spans
+        self.plane_w = self.out_w + shift_w
+        # spare rows under each plane: a grid row read from the last shift stays inside the buffer
+        self.plane_h = self.rows_used + (shift_h + (1 if shift_w else 0) if shift_h or shift_w else 0)
+        self.direct = ((self.plane_h, self.plane_w) == (height, width) and geometry.padding == (0, 0)
+                       and geometry.stride == (1, 1))
+        self.sample = len(self.phases_h) * len(self.phases_w) * geometry.in_channels * self.plane_h * self.plane_w
+        self.grid = self.direct or self.rows_used * self.plane_w <= grid_waste_limit * self.out_h * self.out_w
         self.offsets = self.column_offsets(taps_h, taps_w)
 
     def column_offsets(self, taps_h, taps_w) -> np.ndarray:
@@ -65,45 +68,29 @@ class Im2col:
     @property
     def row_length(self) -> int:
         """Elements of one gathered row per sample."""
-        return self.plane_h * self.plane_w if self.grid else self.out_h * self.out_w
+        return self.rows_used * self.plane_w if self.grid else self.out_h * self.out_w
 
     def index(self, columns: np.ndarray, device: torch.device) -> torch.Tensor:
         """The gather index of these weight columns."""
         return torch.from_numpy(self.offsets[columns]).to(device)
 
     def buffer(self, x: torch.Tensor) -> torch.Tensor:
-        """One flat copy of `x` (N, C, H, W): padded, split into phases, with a zeroed margin at the end."""
+        """`x` (N, C, H, W) padded (zeros) and split into stride phases (N, phases, C, plane_h, plane_w), flat."""
         if self.direct:
             return x.contiguous().view(-1)
-        n = x.shape[0]
-        flat = x.new_empty(n * self.sample + self.margin)
-        flat[n * self.sample:].zero_()
-        planes = flat[: n * self.sample].view(n, -1, self.geometry.in_channels, self.plane_h, self.plane_w)
-        phases = [(a, b) for a in self.phases_h for b in self.phases_w]
-        for index, (a, b) in enumerate(phases):
-            self.fill_phase_(planes[:, index], x, a, b)
-        return flat
-
-    def fill_phase_(self, dest: torch.Tensor, x: torch.Tensor, a: int, b: int) -> None:
-        """dest[n, c, r, q] = x[n, c, r*sh + a - ph, q*sw + b - pw], zero outside the input."""
         (sh, sw), (ph, pw) = self.geometry.stride, self.geometry.padding
-        r0, r1 = valid_range(self.plane_h, a - ph, sh, self.height)
-        q0, q1 = valid_range(self.plane_w, b - pw, sw, self.width)
-        if r1 <= r0 or q1 <= q0:
-            dest.zero_()
-            return
-        xr, xq = r0 * sh + a - ph, q0 * sw + b - pw
-        dest[:, :, r0:r1, q0:q1] = x[:, :, xr: xr + (r1 - r0 - 1) * sh + 1: sh, xq: xq + (q1 - q0 - 1) * sw + 1: sw]
-        dest[:, :, :r0].zero_()
-        dest[:, :, r1:].zero_()
-        dest[:, :, r0:r1, :q0].zero_()
-        dest[:, :, r0:r1, q1:].zero_()
+        padded = F.pad(x, (pw, sw * self.plane_w - self.width - pw, ph, sh * self.plane_h - self.height - ph))
+        if (sh, sw) == (1, 1):
+            return padded.contiguous().view(-1)
+        n, c = x.shape[:2]
+        phases = padded.view(n, c, self.plane_h, sh, self.plane_w, sw).permute(0, 3, 5, 1, 2, 4)
+        return phases[:, phase_index(self.phases_h)][:, :, phase_index(self.phases_w)].contiguous().view(-1)
 
     def view(self, flat: torch.Tensor, n: int) -> torch.Tensor:
         """Overlapping view whose row `offset` is that column's input rows: (offsets, N, row)."""
         first = int(self.offsets.max()) + 1
         if self.grid:
-            return flat.as_strided((first, n, self.plane_h * self.plane_w), (1, self.sample, 1))
+            return flat.as_strided((first, n, self.row_length), (1, self.sample, 1))
         return flat.as_strided((first, n, self.out_h, self.out_w), (1, self.sample, self.plane_w, 1))
 
     def gather(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -114,17 +101,17 @@ class Im2col:
         """A GEMM result (R, N * row_length) as (N, R, OH, OW) (a view)."""
         rows = y.shape[0]
         if self.grid:
-            y = y.view(rows, n, self.plane_h, self.plane_w)[:, :, : self.out_h, : self.out_w]
+            y = y.view(rows, n, self.rows_used, self.plane_w)[:, :, : self.out_h, : self.out_w]
         else:
             y = y.view(rows, n, self.out_h, self.out_w)
         return y.transpose(0, 1)
 
 
-def valid_range(size: int, start: int, step: int, limit: int) -> tuple[int, int]:
-    """[r0, r1): the r in [0, size) with 0 <= r*step + start < limit."""
-    r0 = max(0, -(start // step))
-    r1 = min(size, (limit - 1 - start) // step + 1)
-    return r0, max(r0, r1)
+def phase_index(phases: list[int]):
+    """Index of the stride phases a layer uses: a slice when they are consecutive (as for any kernel >= stride)."""
+    if phases == list(range(phases[0], phases[-1] + 1)):
+        return slice(phases[0], phases[-1] + 1)
+    return torch.tensor(phases)
 
 
 class Rows:

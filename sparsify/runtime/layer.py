@@ -10,6 +10,7 @@ carry no gradient.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -140,40 +141,52 @@ class SparseLayer(nn.Module):
         calls = {"dense": lambda: self.dense.forward(x)}
         if self.executor is not self.dense:
             calls[self.executor.name] = lambda: self.executor.forward(x)
-        self.last_benchmark = time_candidates(calls, self.settings, sync=device_sync(x.device), baseline="dense")
+        self.last_benchmark = time_candidates(calls, self.settings, sync=device_sync(x.device), baseline="dense",
+                                              drop=False)
         return self.executor.forward(x)
 
     def calibrate(self, x: torch.Tensor) -> torch.Tensor:
         """Time every executor that applies on `x`, keep the fastest (dense unless one beats it by the margin)."""
         timing = LayerTiming(self.name, self.kind, list(self.weight.shape), list(x.shape),
                              round(float(self.mask.float().mean()), 6))
-        ref = self.dense.forward(x)
-        runners = {"dense": self.dense}
+        sync = device_sync(x.device)
+        ref, first = timed(lambda: self.dense.forward(x), sync)
+        runners, warm = {"dense": self.dense}, {"dense": first}
         for name in self.candidates or EXECUTORS.names():
             if name == "dense":
                 continue
-            runner, skipped = self.candidate(name, x, ref)
+            runner, skipped, seconds = self.candidate(name, x, ref, sync)
             if runner is None:
                 timing.skipped[name] = skipped
             else:
-                runners[name] = runner
+                runners[name], warm[name] = runner, seconds
         timings = time_candidates({name: (lambda r=r: r.forward(x)) for name, r in runners.items()}, self.settings,
-                                  sync=device_sync(x.device), baseline="dense")
+                                  warm=warm, sync=sync, baseline="dense")
         timing.ms, timing.repeats = timings.ms, timings.repeats
         timing.skipped.update(timings.dropped)
         timing.chosen, timing.why = pick(timings.ms, self.settings.margin)
         self.executor, self.timing = runners[timing.chosen], timing
         return ref
 
-    def candidate(self, name: str, x: torch.Tensor, ref: torch.Tensor) -> tuple[Executor | None, str]:
-        """A prepared executor that gives dense's output on `x`, or None and why not."""
+    def candidate(self, name: str, x: torch.Tensor, ref: torch.Tensor, sync) -> tuple[Executor | None, str, float]:
+        """A prepared executor that gives dense's output on `x` (and the seconds of that first call), or None and
+        why not."""
         executor = EXECUTORS.get(name)()
         reason = self.reason(executor)
         if reason:
-            return None, reason
+            return None, reason, 0.0
         executor.prepare(self.module, self.mask)
-        problem = differs(executor.forward(x), ref)
-        return (None, f"output differs from dense: {problem}") if problem else (executor, "")
+        out, seconds = timed(lambda: executor.forward(x), sync)
+        problem = differs(out, ref)
+        return (None, f"output differs from dense: {problem}", seconds) if problem else (executor, "", seconds)
+
+
+def timed(call, sync) -> tuple[torch.Tensor, float]:
+    """The result of `call()` and the seconds it took (device work included)."""
+    start = time.perf_counter()
+    out = call()
+    sync()
+    return out, time.perf_counter() - start
 
 
 def device_sync(device: torch.device):

@@ -1,11 +1,12 @@
 """Timing executors against each other: interleaved runs, medians, an adaptive number of repeats.
 
 Each round runs every candidate once, the order rotating from round to round, so a burst of load
-from another process hits all candidates alike; the median of the rounds is the figure. Rounds go
-on until `min_repeats` are done and the layer's time `budget_s` is spent, or `max_repeats` are
-done. A candidate more than `drop_factor` times slower than the baseline in both of the first two
-timed rounds is not timed again (it cannot win): calibrating a large model stays within seconds
-per layer.
+from another process hits all candidates alike; the median of the rounds is the figure (first calls
+are warm-up, never counted). Rounds go on until `min_repeats` are done and the layer's time
+`budget_s` is spent, or `max_repeats` are done. A candidate whose first call takes over twice the
+fastest first call, or whose first timed run takes over `drop_factor` times the fastest, is not
+timed again (it cannot win; the baseline is always kept): calibrating a large model stays within
+seconds per layer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 BASELINE = "dense"
-DROP_AFTER = 2  # timed rounds before the slow candidates are dropped
+DROP_AFTER = 1  # timed rounds before the candidates over `drop_factor` times the fastest are dropped
+WARM_DROP_FACTOR = 2.0  # a first call this many times the fastest first call: dropped untimed
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class TimingSettings:
     max_repeats: int = 15
     warmup: int = 1
     margin: float = 0.03  # an executor replaces dense only when at least this much faster
-    drop_factor: float = 2.0
+    drop_factor: float = 1.5  # after the first timed round: a candidate this many times the fastest is dropped
 
 
 @dataclass
@@ -41,16 +43,31 @@ class Timings:
 
 
 def time_candidates(candidates: dict[str, Callable[[], object]], settings: TimingSettings, *,
-                    sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter,
-                    baseline: str = BASELINE) -> Timings:
-    """Interleaved timing of `candidates` (name -> call); `sync` waits for queued device work."""
+                    warm: dict[str, float] | None = None, sync: Callable[[], None] = lambda: None,
+                    clock: Callable[[], float] = time.perf_counter, baseline: str = BASELINE,
+                    drop: bool = True) -> Timings:
+    """Interleaved timing of `candidates` (name -> call); `sync` waits for queued device work.
+
+    `warm` holds the seconds of a first call already made (by the caller's own check, say): those
+    candidates get no further warm-up. First calls are not counted in the medians, but a candidate
+    whose first call is over WARM_DROP_FACTOR times the fastest first call is dropped at once
+    (`drop=False`: every candidate is timed in every round).
+    """
     settings = replace(settings, min_repeats=max(1, min(settings.min_repeats, settings.max_repeats)))
-    for call in candidates.values():
-        for _ in range(settings.warmup):
+    first = dict(warm or {})
+    for name, call in candidates.items():
+        for _ in range(settings.warmup if name not in first else 0):
+            start = clock()
             call()
-    sync()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    active, result, spent = list(candidates), Timings(), 0.0
+            sync()
+            first[name] = clock() - start
+    result = Timings()
+    active = list(candidates)
+    if drop and baseline in first and all(name in first for name in active):
+        active = keep_contenders(active, {name: [t] for name, t in first.items()}, WARM_DROP_FACTOR, baseline,
+                                 result.dropped, "first call")
+    samples: dict[str, list[float]] = {name: [] for name in active}
+    spent = 0.0
     while result.repeats < settings.max_repeats:
         start_round = clock()
         shift = result.repeats % len(active)
@@ -61,23 +78,25 @@ def time_candidates(candidates: dict[str, Callable[[], object]], settings: Timin
             samples[name].append(clock() - start)
         spent += clock() - start_round
         result.repeats += 1
-        if result.repeats == DROP_AFTER and baseline in samples:
-            active = keep_contenders(active, samples, settings.drop_factor, baseline, result.dropped)
-        if result.repeats >= settings.min_repeats and spent >= settings.budget_s:
-            break
+        if drop and result.repeats == DROP_AFTER and baseline in samples:
+            active = keep_contenders(active, samples, settings.drop_factor, baseline, result.dropped, "timed run")
+        if len(active) == 1 or (result.repeats >= settings.min_repeats and spent >= settings.budget_s):
+            break  # (a lone candidate has nothing to be compared with)
     result.ms = {name: statistics.median(samples[name]) * 1e3 for name in active}
     return result
 
 
 def keep_contenders(active: list[str], samples: dict[str, list[float]], factor: float, baseline: str,
-                    dropped: dict[str, str]) -> list[str]:
-    """The candidates still worth timing after the first rounds; the others get a reason in `dropped`."""
-    limit = factor * min(samples[baseline])
+                    dropped: dict[str, str], what: str) -> list[str]:
+    """The candidates still worth timing (the baseline always is); the others get a reason in `dropped`."""
+    fastest = min(active, key=lambda name: min(samples[name]))
+    limit = factor * min(samples[fastest])
     kept = []
     for name in active:
         if name != baseline and min(samples[name]) > limit:
-            dropped[name] = (f"{min(samples[name]) * 1e3:.3g} ms at best in {len(samples[name])} timed runs, "
-                             f"over {factor:g}x {baseline}")
+            runs = len(samples[name])
+            dropped[name] = (f"{min(samples[name]) * 1e3:.3g} ms {'at best in ' + str(runs) + ' ' if runs > 1 else ''}"
+                             f"{what}{'s' if runs > 1 else ''}, over {factor:g}x {fastest}; not timed further")
         else:
             kept.append(name)
     return kept
