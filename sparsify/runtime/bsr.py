@@ -33,18 +33,18 @@ def grouped_order(labels: np.ndarray, size: int) -> np.ndarray:
     return order
 
 
-def arrangement(matrix: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row order, column order (kept rows and columns only) and the rows that keep nothing."""
+def labels(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Kept rows and their group, kept columns and their class (the groups that use them), empty rows."""
     groups, empty = row_groups(matrix)
-    rows = np.concatenate([g.rows for g in groups]) if groups else np.zeros(0, dtype=np.int64)
-    row_labels = np.concatenate([np.full(g.rows.size, i) for i, g in enumerate(groups)]) if groups else rows
-    rows = rows[grouped_order(row_labels, size)] if rows.size else rows
+    if not groups:
+        none = np.zeros(0, dtype=np.int64)
+        return none, none, none, none, empty
+    rows = np.concatenate([g.rows for g in groups])
+    row_labels = np.repeat(np.arange(len(groups)), [g.rows.size for g in groups])
     used = np.flatnonzero(matrix.any(0))
-    membership = np.stack([np.isin(used, g.columns) for g in groups]) if groups else np.zeros((0, 0), dtype=bool)
-    _, column_labels = np.unique(np.packbits(membership, axis=0), axis=1, return_inverse=True) if groups \
-        else (None, np.zeros(0, dtype=np.int64))
-    columns = used[grouped_order(column_labels.reshape(-1), size)] if used.size else used
-    return rows, columns, empty
+    membership = matrix[np.array([g.rows[0] for g in groups])][:, used]  # (groups, used columns)
+    _, column_labels = np.unique(np.packbits(membership, axis=0), axis=1, return_inverse=True)
+    return rows, row_labels, used, column_labels.reshape(-1), empty
 
 
 def tiles(matrix: np.ndarray, size: int) -> int:
@@ -56,16 +56,21 @@ def tiles(matrix: np.ndarray, size: int) -> int:
 
 
 def block_layout(matrix: np.ndarray, fill_limit: float):
-    """(size, rows, columns, empty) of the largest tile size within the fill limit, or (None, fill) if none."""
+    """(size, rows, columns, empty) of the largest tile size within the fill limit, or (None, fill) if none.
+
+    Rows are ordered by group and columns by class, groups and classes whose count is not a multiple
+    of the tile size last, so the tiles of a block mask line up.
+    """
     kept = int(matrix.sum())
     if kept == 0:
         return None, float("inf")
+    rows, row_labels, used, column_labels, empty = labels(matrix)
     best = float("inf")
     for size in SIZES:
-        rows, columns, empty = arrangement(matrix, size)
-        fill = tiles(matrix[np.ix_(rows, columns)], size) * size * size / kept
+        ordered_rows, columns = rows[grouped_order(row_labels, size)], used[grouped_order(column_labels, size)]
+        fill = tiles(matrix[np.ix_(ordered_rows, columns)], size) * size * size / kept
         if fill <= fill_limit:
-            return (size, rows, columns, empty), fill
+            return (size, ordered_rows, columns, empty), fill
         best = min(best, fill)
     return None, best
 
@@ -83,17 +88,24 @@ class Bsr(Executor):
             return reason
         if torch.device(device).type == "cpu" and dtype not in CPU_DTYPES:
             return f"{dtype} on CPU: needs float32 or float64"
-        layout, fill = block_layout(mask_matrix(mask), self.fill_limit)
+        layout, fill = self.layout(mask)
         if layout is None:
             return (f"the kept weights do not form square blocks: tiles of {'/'.join(map(str, SIZES))} would store "
                     f"{fill:.2f} times the kept weights (at most {self.fill_limit})" if fill != float("inf")
                     else "no kept weight")
         return None
 
+    def layout(self, mask: torch.Tensor):
+        """`block_layout` of this mask (kept from `applies` for the `prepare` that follows it)."""
+        cached = getattr(self, "_layout", None)
+        if cached is None or cached[0] is not mask:
+            self._layout = (mask, *block_layout(mask_matrix(mask), self.fill_limit))
+        return self._layout[1:]
+
     def prepare(self, module: nn.Module, mask: torch.Tensor) -> None:
         self.geometry = Geometry.of(module)
         matrix = mask_matrix(mask)
-        (self.size, rows, columns, empty), self.fill = block_layout(matrix, self.fill_limit)
+        (self.size, rows, columns, empty), self.fill = self.layout(mask)
         device = module.weight.device
         weights = weight_matrix(module) * torch.from_numpy(matrix).to(device, module.weight.dtype)
         height, width = -(-rows.size // self.size) * self.size, -(-columns.size // self.size) * self.size
