@@ -270,11 +270,12 @@ def masked_reference(run_dir) -> nn.Module:
 def test_load_gives_the_outputs_of_the_dense_masked_model(pruned_run):
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     expected = dense_output(masked_reference(pruned_run), x)
+    keys = set(masked_reference(pruned_run).state_dict())
     for options in ({"calibrate": False}, {"executor": "blockgemm"}, {"executor": "bsr"},
                     {"batch": 3, "repeats": 2, "budget_s": 0.0}):
         model = load(pruned_run, **options)
         layers = sparse_layers(model)
-        assert len(layers) == 8 and not model.training
+        assert len(layers) == 8 and not model.training and set(model.state_dict()) == keys
         if "executor" in options:
             assert {layer.executor.name for layer in layers.values()} == {options["executor"]}
         assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5), options

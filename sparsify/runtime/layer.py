@@ -102,8 +102,9 @@ class SparseLayer(nn.Module):
         self.executor = self.dense if name == "dense" else self.build(name)
 
     def _apply(self, fn, recurse=True):  # .to() / .half(): packed weights are rebuilt for the new device/dtype
+        before = (self.weight.device, self.weight.dtype)
         super()._apply(fn, recurse)
-        if "dense" in self.__dict__:
+        if "dense" in self.__dict__ and (self.weight.device, self.weight.dtype) != before:
             chosen = self.executor.name
             self.dense = self.build("dense")
             self.executor = self.dense
