@@ -10,7 +10,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic import model_validator
 
 from sparsify.errors import ConfigError, SparsifyError, path_problem
+from sparsify.configcheck import default_pattern, describe_validation_error, validate_method_sections, validate_pattern
 from sparsify.recipes import resolve_config_path
 from sparsify.yamlfile import apply_override, parse_yaml, read_text
 from sparsify.registry import CRITERIA, DATASETS, METHODS, PATTERNS, load_plugins
@@ -74,59 +75,6 @@ class PermuteConfig(_Section):
     # masks depend on the seed and this budget only (rounds/permute.py: DEFAULT_MAX_ITERATIONS, the same 2000)
     max_iterations: int = Field(default=2000, ge=1, le=100_000_000)
     time_limit: float = Field(default=120.0, gt=0.0)  # seconds, a safety only: a cut search is machine-dependent
-
-
-def validate_pattern(value: Any) -> Any:
-    """The `sparsity.pattern` section, validated by the Options of the registered pattern its `type` names."""
-    if isinstance(value, BaseModel):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError("must be a mapping with a type, e.g. {type: block, block: [8, 8]}")
-    kind = value.get("type", "block")
-    if kind not in PATTERNS:
-        raise ValueError(f"unknown type {kind!r}; choose one of: {', '.join(PATTERNS.names())}")
-    options = PATTERNS.get(kind).Options
-    try:
-        return options.model_validate({**value, "type": kind})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        if first["type"] == "extra_forbidden":
-            raise ValueError(f"unknown key {key!r} for pattern {kind}; allowed: {', '.join(options.model_fields)}") from None
-        raise ValueError(f"{key}: {first['msg'].removeprefix('Value error, ')}") from None
-
-
-def validate_method_sections(data: Any, *, known: list[str]) -> Any:
-    """`sparsity.<method>` sections, each validated by its method's Options (defaults where absent)."""
-    if not isinstance(data, dict):
-        return data
-    sections = {name: method.Options for name, method in METHODS.items() if method.Options is not None}
-    out = dict(data)
-    for key, value in data.items():
-        if key in known:
-            continue
-        if key not in sections:
-            allowed = ", ".join([*known, *sections])
-            raise ConfigError(f"unknown config key 'sparsity.{key}'; allowed here: {allowed}")
-        try:
-            out[key] = value if isinstance(value, BaseModel) else sections[key].model_validate(value or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            if first["type"] == "model_type" and not where:
-                raise ConfigError(not_a_section(f"sparsity.{key}", sections[key], value)) from None
-            if first["type"] == "extra_forbidden":
-                raise ConfigError(f"unknown config key 'sparsity.{key}.{where}'; allowed here: "
-                                  f"{', '.join(sections[key].model_fields)}") from None
-            raise ConfigError(f"config key 'sparsity.{key}.{where}': {first['msg'].removeprefix('Value error, ')} "
-                              f"(got {first.get('input')!r})") from None
-    for key, options in sections.items():
-        out.setdefault(key, options())
-    return out
-
-
-def default_pattern() -> Any:
-    return PATTERNS.get("block").Options()
 
 
 class RewindConfig(_Section):
@@ -371,47 +319,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line: the first bad key, its value, and what is allowed."""
-    errors = exc.errors()
-    first = errors[0]
-    loc = _key_path(first["loc"])
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    if first["type"] == "extra_forbidden":
-        section = _section_at(first["loc"][:-1])
-        allowed = ", ".join(section.model_fields) if section else "none (it is not a section)"
-        return f"unknown config key {loc!r}; allowed here: {allowed}{more}"
-    if first["type"] == "model_type":  # a value where a section (a mapping of keys) belongs
-        return not_a_section(loc, _section_at(first["loc"]), first.get("input")) + more
-    message = first["msg"].removeprefix("Value error, ")
-    return f"config key {loc or 'config'!r}: {message} (got {first.get('input')!r}){more}"
-
-
-def not_a_section(key: str, section: type[BaseModel] | None, value: Any) -> str:
-    """The line for `key: value` where `key` is a section: what a section is and its keys."""
-    keys = f" with the keys {', '.join(section.model_fields)}" if section else ""
-    return f"config key {key!r} is a section: give it a mapping{keys} (got {value!r})"
-
-
-def _key_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc)
-
-
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    """The config class that owns the keys at `loc` (None if `loc` is not a section)."""
-    section: type[BaseModel] = RunConfig
-    parts = [str(p) for p in loc]
-    while parts:
-        part = parts.pop(0)
-        annotation = section.model_fields[part].annotation if part in section.model_fields else None
-        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)  # Optional[X] -> X
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        section = annotation
-    return section
+        raise ConfigError(describe_validation_error(exc, RunConfig)) from None
 
 
 def config_to_yaml(config: RunConfig) -> str:
