@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparsify.stages.costs import layer_costs, model_costs
-from sparsify.stages.timing import interleaved_times
+from sparsify.runtime.timing import interleaved_times
 
 
 def test_layer_costs_count_macs_by_hand():

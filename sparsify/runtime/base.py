@@ -100,6 +100,19 @@ def matrix_reason(module: nn.Module) -> str | None:
     return None
 
 
+CPU_DTYPES = (torch.float32, torch.float64)  # what the CPU sparse kernels (CSR, BSR) multiply
+
+
+def cpu_matrix_reason(module: nn.Module, device, dtype: torch.dtype) -> str | None:
+    """`matrix_reason`, and on CPU a dtype the sparse kernels cannot multiply."""
+    reason = matrix_reason(module)
+    if reason:
+        return reason
+    if torch.device(device).type == "cpu" and dtype not in CPU_DTYPES:
+        return f"{dtype} on CPU: needs float32 or float64"
+    return None
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as (COUT, CIN*kh*kw), columns in PyTorch's (cin, kh, kw) order (a view)."""
     return module.weight.detach().reshape(module.weight.shape[0], -1)

@@ -17,13 +17,12 @@ from torch import nn
 
 from sparsify.registry import EXECUTORS
 from sparsify.runtime.base import (
-    Executor, Geometry, as_batched_image, matrix_reason, restore_shape, sparse_beta_quiet, weight_matrix,
+    Executor, Geometry, as_batched_image, cpu_matrix_reason, restore_shape, sparse_beta_quiet, weight_matrix,
 )
 from sparsify.runtime.blocks import coverage, mask_matrix, row_groups, split_groups
 from sparsify.runtime.im2col import GRID_WASTE_LIMIT
 from sparsify.runtime.parts import Part, PartsRunner
 
-CPU_DTYPES = (torch.float32, torch.float64)
 
 
 @EXECUTORS.register("blockgemm")
@@ -35,12 +34,7 @@ class BlockGemm(Executor):
     grid_waste_limit = GRID_WASTE_LIMIT
 
     def applies(self, module, mask, device, dtype) -> str | None:
-        reason = matrix_reason(module)
-        if reason:
-            return reason
-        if torch.device(device).type == "cpu" and dtype not in CPU_DTYPES:
-            return f"{dtype} on CPU: needs float32 or float64"
-        return None
+        return cpu_matrix_reason(module, device, dtype)
 
     def prepare(self, module: nn.Module, mask: torch.Tensor) -> None:
         self.geometry = Geometry.of(module)

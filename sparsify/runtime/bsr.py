@@ -16,14 +16,13 @@ from torch import nn
 
 from sparsify.registry import EXECUTORS
 from sparsify.runtime.base import (
-    Executor, Geometry, as_batched_image, matrix_reason, restore_shape, sparse_beta_quiet, weight_matrix,
+    Executor, Geometry, as_batched_image, cpu_matrix_reason, restore_shape, sparse_beta_quiet, weight_matrix,
 )
 from sparsify.runtime.blocks import mask_matrix, row_groups
 from sparsify.runtime.im2col import GRID_WASTE_LIMIT
 from sparsify.runtime.parts import Part, PartsRunner
 
 SIZES = (8, 4, 2)
-CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def grouped_order(labels: np.ndarray, size: int) -> np.ndarray:
@@ -83,11 +82,9 @@ class Bsr(Executor):
     fill_limit = 1.25  # stored tile entries per kept weight
 
     def applies(self, module, mask, device, dtype) -> str | None:
-        reason = matrix_reason(module)
+        reason = cpu_matrix_reason(module, device, dtype)
         if reason:
             return reason
-        if torch.device(device).type == "cpu" and dtype not in CPU_DTYPES:
-            return f"{dtype} on CPU: needs float32 or float64"
         layout, fill = self.layout(mask)
         if layout is None:
             return (f"the kept weights do not form square blocks: tiles of {'/'.join(map(str, SIZES))} would store "

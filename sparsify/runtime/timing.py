@@ -7,10 +7,15 @@ are warm-up, never counted). Rounds go on until `min_repeats` are done and the l
 fastest first call, or whose first timed run takes over `drop_factor` times the fastest, is not
 timed again (it cannot win; the baseline is always kept): calibrating a large model stays within
 seconds per layer.
+
+`interleaved_times` is the whole-model variant for `sparsify bench`: a fixed number of rounds, no
+candidate dropped, each sample repeating a fast call until it lasts `min_sample_s` (batch-1 latencies
+stay above the clock's resolution), with median, min and max.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -113,3 +118,36 @@ def pick(ms: dict[str, float], margin: float, baseline: str = BASELINE) -> tuple
         return best, f"{speedup:.2f}x faster than {baseline} ({ms[best]:.3g} vs {base:.3g} ms)"
     return baseline, (f"{best} was only {1 - ms[best] / base:.1%} faster than {baseline} "
                       f"(a winner needs {margin:.0%})")
+
+
+# ---------------------------------------------------------------- whole models: a fixed number of rounds
+
+
+def calls_per_sample(func: Callable[[], object], *, warmup: int, min_sample_s: float, sync: Callable[[], None]) -> int:
+    """Warm `func` up (its fastest call) and return how many calls make one sample of at least `min_sample_s`."""
+    seconds = math.inf
+    for _ in range(max(1, warmup)):
+        start = time.perf_counter()
+        func()
+        sync()
+        seconds = min(seconds, time.perf_counter() - start)
+    return max(1, math.ceil(min_sample_s / max(seconds, 1e-9)))
+
+
+def interleaved_times(candidates: dict[str, Callable[[], object]], *, runs: int, warmup: int = 2,
+                      min_sample_s: float = 0.02, sync: Callable[[], None] = lambda: None) -> dict[str, dict]:
+    """Seconds per call of each candidate: {"median", "min", "max", "samples"}, from `runs` interleaved rounds."""
+    names = list(candidates)
+    repeats = {name: calls_per_sample(candidates[name], warmup=warmup, min_sample_s=min_sample_s, sync=sync)
+               for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(runs):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            func, count = candidates[name], repeats[name]
+            start = time.perf_counter()
+            for _ in range(count):
+                func()
+            sync()
+            samples[name].append((time.perf_counter() - start) / count)
+    return {name: {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": len(values)}
+            for name, values in samples.items()}

@@ -28,7 +28,7 @@ from sparsify.io.rundir import RunDir
 from sparsify.runtime.calibrate import device_name
 from sparsify.runtime.load import deploy, input_shape, open_checkpoint
 from sparsify.stages.costs import compressed_size, layer_costs, model_costs
-from sparsify.stages.timing import interleaved_times
+from sparsify.runtime.timing import interleaved_times
 from sparsify.training.distributed import resolve_device
 
 BENCH_FILE = "bench.json"
