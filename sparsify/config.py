@@ -118,7 +118,8 @@ class SparsityConfig(_Section):
     include_linear: bool = False  # Linear layers are eligible too
     exclude: list[str] = Field(default_factory=list)  # globs over parameter names, e.g. ["fc.*"]
     layers: dict[str, float] = Field(default_factory=dict)  # glob -> that layer's target; first matching glob wins
-    allocation: Literal["uniform", "erk"] = "uniform"  # targets of the layers without an override (core/allocation.py)
+    allocation: Literal["uniform", "erk", "sensitivity"] = "uniform"  # targets of the layers without an override
+    # (core/allocation.py); sensitivity reads runs/<name>/sensitivity.json (`sparsify sensitivity`)
     permute: PermuteConfig = Field(default_factory=PermuteConfig)  # nm: channel permutation before pruning
 
     # besides these keys, one section per registered method with options: sparsity.dsr, .gumbel, .gradual, ...
@@ -151,11 +152,13 @@ class SparsityConfig(_Section):
     def _per_layer_rules(self) -> "SparsityConfig":
         if not self.layers and self.allocation == "uniform":
             return self
+        keys = " and ".join(k for k, on in (("sparsity.layers", self.layers),
+                                            (f"allocation: {self.allocation}", self.allocation != "uniform")) if on)
         if self.scope == "global":
-            raise ConfigError("sparsity.layers and allocation: erk set per-layer targets, which scope 'global' "
+            raise ConfigError(f"{keys}: per-layer targets, which scope 'global' "
                               "(one ranking over all layers) does not have; use scope: layer")
         if not METHODS.get(self.method).prune_rounds:
-            raise ConfigError(f"sparsity.layers and allocation: erk apply to prune rounds; method {self.method} "
+            raise ConfigError(f"{keys}: per-layer targets apply to prune rounds; method {self.method} "
                               "has none, so remove them or use method: static")
         return self
 
