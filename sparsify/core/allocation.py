@@ -1,4 +1,4 @@
-"""Per-layer targets: `sparsity.layers` overrides and `sparsity.allocation` (uniform | erk).
+"""Per-layer targets: `sparsity.layers` overrides and `sparsity.allocation` (uniform | erk | sensitivity).
 
 A layer's target is the share of its groups that end up zero. Overrides are globs over parameter
 names; the first glob (in the order written) that matches a layer sets its target. `uniform` gives
@@ -7,6 +7,9 @@ layer a density proportional to sum(shape) / prod(shape), scaled so the zeros of
 layers, overridden ones included, are `target` of all eligible weights; a layer whose density would
 exceed 1 stays dense and the rest is shared again over the others. ERK targets are whole group
 counts (largest remainders first), so the model-wide zeros land within one group of the target.
+`sensitivity` reads each other layer's measured loss increase at some levels (`sparsify sensitivity`)
+and picks the levels with the least summed increase that zero `target` of all eligible weights
+(see `sensitivity_targets`), rounded to whole groups the same way.
 """
 
 from __future__ import annotations
@@ -62,35 +65,117 @@ def whole_groups(ideal: dict[str, float], groups: dict[str, int], weights: dict[
     return counts
 
 
-def erk_targets(shapes: dict[str, tuple[int, ...]], groups: dict[str, int], target: float,
-                fixed: dict[str, float]) -> dict[str, float]:
-    """ERK target per layer not in `fixed`, so that all layers together zero `target` of their weights."""
-    weights = {n: math.prod(s) for n, s in shapes.items()}
+def zeros_left(weights: dict[str, int], groups: dict[str, int], target: float, fixed: dict[str, float],
+               allocation: str) -> tuple[float, list[str]]:
+    """Weights the layers not in `fixed` must zero so all zero `target` of the total, and those layers;
+    refuses overrides that leave them less than nothing or more than all of their weights."""
     total = sum(weights.values())
     fixed_zeros = sum(math.floor(t * groups[n] + _EPS) * weights[n] / groups[n] for n, t in fixed.items())
-    rest = [n for n in shapes if n not in fixed]
+    rest = [n for n in weights if n not in fixed]
     zeros = target * total - fixed_zeros
     room = sum(weights[n] for n in rest)
     if zeros < -_EPS or zeros > room * (1 - 1e-6) or not rest:
         raise SparsifyError(f"sparsity.layers: the overrides zero {fixed_zeros / total:.1%} of the eligible weights, "
-                            f"and allocation erk cannot meet the model-wide target {target:.1%} with the other "
-                            f"{len(rest)} layers; change sparsity.target or the overrides")
+                            f"and allocation {allocation} cannot meet the model-wide target {target:.1%} with the "
+                            f"other {len(rest)} layers; change sparsity.target or the overrides")
+    return max(zeros, 0.0), rest
+
+
+def erk_targets(shapes: dict[str, tuple[int, ...]], groups: dict[str, int], target: float,
+                fixed: dict[str, float]) -> dict[str, float]:
+    """ERK target per layer not in `fixed`, so that all layers together zero `target` of their weights."""
+    weights = {n: math.prod(s) for n, s in shapes.items()}
+    zeros, rest = zeros_left(weights, groups, target, fixed, "erk")
+    room = sum(weights[n] for n in rest)
     dens = erk_densities({n: shapes[n] for n in rest}, room - zeros)
     counts = whole_groups({n: (1 - dens[n]) * groups[n] for n in rest}, {n: groups[n] for n in rest},
                           {n: weights[n] for n in rest}, zeros)
     return {n: counts[n] / groups[n] for n in rest}
 
 
+def hull_corners(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Corners (level, loss increase) of the lower convex hull of one layer's measured curve, from (0, 0).
+
+    Increases are made non-decreasing in the level and non-negative first: a layer that measured
+    better when pruned more is read as noise, not as a reason to prune it more.
+    """
+    points_up = [(0.0, 0.0)]
+    for level, cost in sorted(points):
+        if level > points_up[-1][0] + _EPS:
+            points_up.append((level, max(cost, points_up[-1][1])))
+    hull = [points_up[0]]
+    for point in points_up[1:]:
+        while len(hull) >= 2 and _turns_down(hull[-2], hull[-1], point):
+            hull.pop()
+        hull.append(point)
+    return hull
+
+
+def _turns_down(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float]) -> bool:
+    """Whether b lies on or above the segment from a to c."""
+    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0]) <= 0
+
+
+def cheapest_levels(curves: dict[str, list[tuple[float, float]]], weights: dict[str, int],
+                    zeros: float) -> dict[str, float]:
+    """Level per layer whose zeros (level x weights) sum to `zeros` with the least predicted loss increase.
+
+    Greedy over the segments of every layer's lower convex hull (`hull_corners`), cheapest loss
+    increase per zeroed weight first; that is optimal for the curves read as straight lines between
+    the measured levels, and it leaves at most one layer between two of its measured levels (the
+    segment it cuts, interpolated). Ties go to the segment that starts lower, then by name.
+    """
+    segments = []
+    for name, points in curves.items():
+        hull = hull_corners(points)
+        for (x0, c0), (x1, c1) in zip(hull, hull[1:]):
+            segments.append(((c1 - c0) / ((x1 - x0) * weights[name]), x0, name, x1))
+    levels = dict.fromkeys(curves, 0.0)
+    left = zeros
+    for _, x0, name, x1 in sorted(segments):
+        if left <= _EPS:
+            break
+        take = min(x1 - x0, left / weights[name])
+        levels[name] = x0 + take
+        left -= take * weights[name]
+    if left > max(zeros, 1.0) * 1e-9:
+        reach = sum(max(level for level, _ in curves[n]) * weights[n] for n in curves if curves[n])
+        raise SparsifyError(f"sparsity.allocation sensitivity: the scanned levels zero at most {reach:,.0f} of the "
+                            f"{zeros:,.0f} weights the target asks of these layers; scan a higher level, e.g. "
+                            "`sparsify sensitivity -c CFG --levels 0.25,0.5,0.75,0.9,0.95`")
+    return levels
+
+
+def sensitivity_targets(weights: dict[str, int], groups: dict[str, int], target: float, fixed: dict[str, float],
+                        curves: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Target per layer not in `fixed` from its measured (level, loss increase) curve: the cheapest levels
+    (`cheapest_levels`) as whole groups, so all layers together zero `target` of their weights within one group."""
+    zeros, rest = zeros_left(weights, groups, target, fixed, "sensitivity")
+    missing = [n for n in rest if n not in curves]
+    if missing:
+        raise SparsifyError(f"sparsity.allocation sensitivity: no measured curve for {missing[0]} "
+                            f"({len(missing)} layer(s)); run `sparsify sensitivity -c CFG` first")
+    levels = cheapest_levels({n: curves[n] for n in rest}, {n: weights[n] for n in rest}, zeros)
+    counts = whole_groups({n: levels[n] * groups[n] for n in rest}, {n: groups[n] for n in rest},
+                          {n: weights[n] for n in rest}, zeros)
+    return {n: counts[n] / groups[n] for n in rest}
+
+
 def layer_targets(shapes: dict[str, tuple[int, ...]], groups: dict[str, int], *, target: float,
-                  allocation: str, overrides: dict[str, float]) -> dict[str, float]:
-    """Target per eligible layer (in `shapes` order): overrides first, the rest by `allocation`."""
+                  allocation: str, overrides: dict[str, float],
+                  curves: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, float]:
+    """Target per eligible layer (in `shapes` order): overrides first, the rest by `allocation`
+    (`curves`: each layer's measured (level, loss increase) points, for allocation sensitivity)."""
     fixed = match_overrides(list(shapes), overrides)
     if allocation == "erk":
         rest = erk_targets(shapes, groups, target, fixed)
+    elif allocation == "sensitivity":
+        weights = {n: math.prod(s) for n, s in shapes.items()}
+        rest = sensitivity_targets(weights, groups, target, fixed, curves or {})
     elif allocation == "uniform":
         rest = {n: target for n in shapes if n not in fixed}
     else:
-        raise SparsifyError(f"sparsity.allocation: unknown {allocation!r}; use uniform or erk")
+        raise SparsifyError(f"sparsity.allocation: unknown {allocation!r}; use uniform, erk or sensitivity")
     return {n: fixed[n] if n in fixed else rest[n] for n in shapes}
 
 
