@@ -14,7 +14,6 @@ from typing import Annotated, Optional
 import typer
 
 from sparsify.cli_errors import DEBUG_ENV, fail, note, reports_errors, say
-from sparsify.errors import SparsifyError
 
 app = typer.Typer(
     name="sparsify",
@@ -48,6 +47,8 @@ class CheckFormat(str, Enum):
     text = "text"
     json = "json"
 
+
+TableFormat = Enum("TableFormat", {"table": "table", "csv": "csv", "json": "json"}, type=str)  # sensitivity
 
 def load(config: Optional[Path], overrides: Optional[list[str]]):
     from sparsify.config import load_config
@@ -90,13 +91,6 @@ ThreadsOption = Annotated[
 def with_threads(overrides: Optional[list[str]], threads: Optional[str]) -> list[str]:
     """`--threads N` as the override train.threads=N: validated with the config, recorded in config.yaml."""
     return [*(overrides or []), *([f"train.threads={threads}"] if threads is not None else [])]
-
-
-def thread_setting(text: str):
-    """--threads without a config: auto or an integer >= 1."""
-    if text == "auto" or (text.isdigit() and int(text) >= 1):
-        return text if text == "auto" else int(text)
-    raise SparsifyError(f"--threads {text!r} is not auto or an integer >= 1; e.g. --threads 2")
 
 
 def load_stage(config: Optional[Path], overrides: Optional[list[str]], threads: Optional[str]):
@@ -226,7 +220,7 @@ def bench(
     """Time the dense, masked and calibrated sparse model; count multiply-adds and bytes; write bench.json."""
     from sparsify.report.bench import render_bench
     from sparsify.stages.bench import BenchSettings, bench as run_bench, check_batches
-    from sparsify.threads import apply_threads
+    from sparsify.threads import apply_threads, thread_setting
 
     batches = check_batches(batch)
     resolved = load(config, with_threads(set_, threads)) if target is None or config is not None else None
@@ -234,6 +228,28 @@ def bench(
     result = run_bench(target or resolved.run_dir, BenchSettings(device=device, batches=batches, runs=runs,
                                                                  input_size=input_size))
     say(render_bench(result, "json" if format_ is CheckFormat.json else "table"))
+
+
+@app.command()
+@reports_errors
+def sensitivity(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    levels: Annotated[str, typer.Option(metavar="L,L", help="Levels to prune each layer to.")] = "0.25,0.5,0.75,0.9",
+    batches: Annotated[int, typer.Option(min=1, metavar="N", help="Validation batches per measurement.")] = 8,
+    nproc: NprocOption = None,
+    threads: ThreadsOption = None,
+    format_: Annotated[TableFormat, typer.Option("--format", "-f", help="Output format.")] = TableFormat("table"),
+) -> None:
+    """Prune each eligible layer alone to each level and measure the loss; write sensitivity.json; resumable."""
+    from sparsify.report.sensitivity import render_sensitivity
+    from sparsify.stages.sensitivity import ScanSettings, check_levels, sensitivity as scan
+
+    settings = ScanSettings(levels=check_levels(levels), batches=batches)
+    if nproc is not None:
+        return relaunch("sensitivity", config, with_threads(set_, threads), nproc,
+                        ["--levels", levels, "--batches", str(batches), "--format", format_.value])
+    say(render_sensitivity(scan(load_stage(config, set_, threads), settings), format_.value))
 
 
 @app.command()
@@ -304,7 +320,7 @@ def export(
     set_: SetOption = None,
     format_: Annotated[str, typer.Option(
         "--format", "-f", metavar="FORMAT",
-        help="A registered exporter: safetensors, pth, onnx, or one a plugin adds.")] = "safetensors",
+        help="A registered exporter: safetensors, pth, onnx, pt2, or one a plugin adds.")] = "safetensors",
     checkpoint: Annotated[
         Optional[Path], typer.Option(help="Checkpoint to export (default: the run's latest).", show_default=False)
     ] = None,
@@ -315,13 +331,18 @@ def export(
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="ONNX: write the file without comparing onnxruntime's outputs to PyTorch's "
                             "and without checking its pruned zeros.")] = False,
+    compact: Annotated[bool, typer.Option(
+        "--compact", help="Remove the channels whose output is unused (folding what they add into the next "
+                          "layer's bias) and write the smaller dense model: safetensors, onnx or pt2.")] = False,
 ) -> None:
-    """Write a checkpoint as a plain model file: safetensors or pth state_dict, or ONNX (checked first)."""
+    """Write a checkpoint as a plain model file: safetensors or pth state_dict, ONNX or a torch.export program
+    (checked first); --compact writes the smaller dense model without unused channels."""
     from sparsify.io.rundir import RunDir
     from sparsify.io.export import export_checkpoint
 
     run = RunDir(load(config, set_).run_dir)
-    say(str(export_checkpoint(run, fmt=format_, checkpoint=checkpoint, output=output, verify=not no_verify)))
+    say(str(export_checkpoint(run, fmt=format_, checkpoint=checkpoint, output=output, verify=not no_verify,
+                                        compact=compact)))
 
 
 recipes_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)

@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
+from sparsify.errors import SparsifyError
+
 Threads = Union[str, int]  # "auto" or an integer >= 1
 
 
@@ -121,3 +123,10 @@ def apply_threads(setting: Threads) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def thread_setting(text: str) -> Threads:
+    """--threads without a config: auto or an integer >= 1."""
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise SparsifyError(f"--threads {text!r} is not auto or an integer >= 1; e.g. --threads 2")

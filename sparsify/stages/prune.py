@@ -11,6 +11,7 @@ from sparsify.core.masks import MaskEnforcer, full_masks
 from sparsify.core.patterns import build_pattern
 from sparsify.core.prune import LayerRound, PruneSettings, find_layers, prune_round, target_zero_count
 from sparsify.errors import SparsifyError, TargetReached
+from sparsify.io.sensitivity import read_curves
 from sparsify.registry import METHODS
 from sparsify.rounds.base import PruneRound
 from sparsify.rounds.hooks import ROUND_HOOKS
@@ -31,7 +32,7 @@ def prune(config: RunConfig, *, show_eval: bool = False) -> StageResult:
     with opened_run(config, "prune") as (run, loaded, started):
         round_ = start_round(config, run, loaded)
         weights = dict(loaded.model.named_parameters())
-        targets = plan_targets(round_.masks, weights, round_.pattern, s)
+        targets = plan_targets(round_.masks, weights, round_.pattern, s, run_root=run.root)
         refuse_at_target(round_.masks, weights, round_.pattern, s, targets)
         hooks = [hook for hook in ROUND_HOOKS if hook.active(s)]
         for hook in hooks:
@@ -108,8 +109,9 @@ def start_round(config: RunConfig, run, loaded) -> PruneRound:
                       device=resolve_device(config.device), rewind_point=lambda: rewind_state(run, s.rewind))
 
 
-def plan_targets(masks: dict, weights: dict, pattern, s) -> dict[str, float]:
-    """Each eligible layer's target from sparsity.target, .layers and .allocation (core/allocation.py)."""
+def plan_targets(masks: dict, weights: dict, pattern, s, *, run_root=None) -> dict[str, float]:
+    """Each eligible layer's target from sparsity.target, .layers and .allocation (core/allocation.py;
+    allocation sensitivity reads the curves in `run_root`/sensitivity.json)."""
     shapes = {name: tuple(weights[name].shape) for name in masks}
     if pattern.one_round:
         targets = layer_targets(shapes, {n: m.numel() for n, m in masks.items()}, target=s.target,
@@ -117,7 +119,8 @@ def plan_targets(masks: dict, weights: dict, pattern, s) -> dict[str, float]:
         check_one_round(targets, pattern_target=s.target, allocation=s.allocation)
         return targets
     groups = {name: int(pattern.grid(mask).numel()) for name, mask in masks.items()}
-    return layer_targets(shapes, groups, target=s.target, allocation=s.allocation, overrides=s.layers)
+    curves = read_curves(run_root, list(masks)) if s.allocation == "sensitivity" else None
+    return layer_targets(shapes, groups, target=s.target, allocation=s.allocation, overrides=s.layers, curves=curves)
 
 
 def shown_target(s) -> float | None:
