@@ -101,17 +101,27 @@ def test_tied_producers_are_pruned_together_by_their_summed_scores():
     assert torch.equal(masks2["stem.weight"], masks2["conv2.weight"])
 
 
-def test_a_pruned_channel_outputs_its_batchnorm_shift():
-    """The mask's meaning: the producer's row is zero, so after BatchNorm the channel is the constant shift."""
+def test_a_pruned_channel_is_exactly_zero_after_its_batchnorm_in_eval_and_in_training():
+    """The mask's meaning: the producer's row and its BatchNorm's scale and shift are zero, so the channel
+    carries zeros whatever the running statistics; a training step cannot grow the shift back."""
     model = Residual().eval()
     with torch.no_grad():
         model.bn0.running_mean.fill_(0.5), model.bn0.running_var.fill_(4.0), model.bn0.bias.fill_(1.0)
     mask = torch.ones(8, 1, dtype=torch.bool)
     mask[3] = False
-    MaskEnforcer(model, {"stem.weight": mask}, ChannelPattern()).apply_()
+    enforcer = MaskEnforcer(model, {"stem.weight": mask}, ChannelPattern())
+    enforcer.apply_()
+    assert model.bn0.weight[3] == 0 and model.bn0.bias[3] == 0 and model.bn0.bias[2] == 1.0
     out = model.bn0(model.stem(example()))
-    shift = 1.0 - 1.0 * 0.5 / (4.0 + model.bn0.eps) ** 0.5
-    assert torch.allclose(out[:, 3], torch.full_like(out[:, 3], shift)) and out[:, 2].std() > 0
+    assert torch.equal(out[:, 3], torch.zeros_like(out[:, 3])) and out[:, 2].std() > 0
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(example()).square().mean().backward()
+    enforcer.mask_grads_()
+    assert model.bn0.bias.grad[3] == 0 and model.bn0.bias.grad.abs().sum() > 0
+    optimizer.step()
+    enforcer.apply_()
+    assert model.bn0.bias[3] == 0 and model.bn0.weight[3] == 0
 
 
 def test_bn_scale_ranks_channels_by_the_absolute_gamma_after_the_layer():

@@ -15,7 +15,7 @@ LAYERS = [
     ["__init__", "errors", "registry", "console", "threads", "recipes"],  # version; exceptions; registries; progress;
     # CPU threads; the shipped recipe files
     ["yamlfile", "configcheck", "config"],  # YAML text and --set overrides as data; the schema, checked against the registries
-    ["core"],  # patterns, criteria, masks, prune: tensors in, masks out; no I/O
+    ["core", "graph"],  # patterns, criteria, masks, prune: tensors in, masks out; no I/O; the fx channel graph, compaction
     ["data"],  # datasets, transforms presets, samplers
     ["models"],  # build by name, weights, the built-in zoo
     ["io"],  # checkpoints, the run folder, exporters

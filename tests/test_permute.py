@@ -18,7 +18,7 @@ from sparsify.core.elements import NMPattern
 from sparsify.errors import TargetReached
 from sparsify.rounds import permsearch
 from sparsify.rounds.permsearch import kept_magnitude, search_permutation
-from sparsify.rounds.channels import trace_channel_sets
+from sparsify.graph.channels import trace_channel_sets
 from sparsify.rounds.permute import DEFAULT_MAX_ITERATIONS, apply_permutation_, describe_permutation, permute_model_
 from sparsify.core.prune import find_layers
 from sparsify.stages.prune import refuse_at_target

@@ -5,10 +5,12 @@ kernel taps). What ties channels across layers (residual adds, BatchNorm, depthw
 consumers) is found by the prune round's channel hook (rounds/channelgroups.py), which prunes
 tied producers together and skips what the channel graph cannot follow.
 
-Mask semantics: a pruned channel's producer weights are exactly 0, so the producer outputs only
-its bias there; after a BatchNorm the channel carries the BatchNorm's shift, a constant that the
-consumers still see. The consumers' input weights are not masked: compaction folds that constant
-into the next layer's bias before removing the channel.
+Mask semantics: a pruned channel is gone. Its producer weights are exactly 0, and so are the scale
+and shift of the BatchNorm right after the producer (`followers`, kept at zero by the MaskEnforcer
+while training), so the channel carries exact zeros to its consumers, whatever the running
+statistics. The consumers' input weights are not masked: `export --compact` removes them with the
+channel (graph/compact.py), and folds any constant a later op adds (a bias, the shift of a
+BatchNorm after a depthwise conv) into the next layer's bias.
 """
 
 from __future__ import annotations
@@ -74,3 +76,20 @@ class ChannelPattern(Pattern):
 
     def expand(self, mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return mask.reshape(shape[0], *([1] * (len(shape) - 1))).expand(shape).contiguous()
+
+    def followers(self, model: nn.Module, names: list[str]) -> dict[str, str]:
+        """The scale and shift of the BatchNorm right after each named layer (none when the model cannot be traced)."""
+        from torch import fx
+
+        from sparsify.graph.channels import batchnorm_after
+
+        try:
+            after = batchnorm_after(fx.symbolic_trace(model))
+        except Exception:  # data-dependent control flow: the channel hook prunes nothing in such a model
+            return {}
+        modules, found = dict(model.named_modules()), {}
+        for name in names:
+            bn = modules.get(after[name]) if name in after else None
+            if bn is not None and bn.affine:
+                found.update({f"{after[name]}.weight": name, f"{after[name]}.bias": name})
+        return found

@@ -18,7 +18,9 @@ class MaskEnforcer:
     """Keeps masked weights at exactly 0.0: call `mask_grads_` before and `apply_` after each step.
 
     Element masks are expanded once and kept on the parameters' device and dtype, so the
-    per-step cost is one multiply per masked tensor (weights) and one for gradients.
+    per-step cost is one multiply per masked tensor (weights) and one for gradients. The pattern's
+    `followers` (per-channel parameters, e.g. the BatchNorm after a channel-pruned layer) are zeroed
+    where their weight's whole output channel is pruned.
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], pattern) -> None:
@@ -27,6 +29,7 @@ class MaskEnforcer:
         self.masks: dict[str, torch.Tensor] = {}
         self.elements: dict[str, torch.Tensor] = {}
         self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.followers = pattern.followers(model, list(masks)) if masks else {}
         for name, mask in masks.items():
             self.set_mask(name, mask)
 
@@ -36,6 +39,10 @@ class MaskEnforcer:
         self.masks[name] = mask.to("cpu", torch.bool)
         element = self.pattern.expand(self.masks[name], tuple(param.shape))
         self.elements[name] = element.to(device=param.device, dtype=param.dtype)
+        channels = self.masks[name].reshape(self.masks[name].shape[0], -1).any(1)  # False: whole channel pruned
+        for follower in (f for f, weight in self.followers.items() if weight == name):
+            target = self.params[follower]
+            self.elements[follower] = channels.to(device=target.device, dtype=target.dtype)
         self.pairs = [(self.params[n], e) for n, e in self.elements.items()]
 
     @torch.no_grad()

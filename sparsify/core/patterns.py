@@ -104,6 +104,10 @@ class Pattern(ABC):
         """What in a weight's nonzeros breaks the pattern's layout beyond its mask (`sparsify check`)."""
         return []
 
+    def followers(self, model: nn.Module, names: list[str]) -> dict[str, str]:
+        """Per-channel parameters zeroed with a named weight's fully pruned output channels (parameter -> weight)."""
+        return {}
+
 
 def conv_or_linear_reason(module: nn.Module) -> str | None:
     """Why a module is not a dense conv or Linear layer (None: it is)."""

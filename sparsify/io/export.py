@@ -5,8 +5,13 @@ hold the plain `state_dict` (pruned weights are exact zeros), which loads into t
 torchvision/built-in model with `load_state_dict`; `onnx` is the model graph with its weights
 (needs the optional `onnx` and `onnxscript` packages), checked before it is written: onnxruntime's
 outputs against PyTorch's, the pruned zeros in the graph, and a count of the layers TensorRT can run
-2:4-sparse (`sparsify.io.onnx_check`; onnxruntime needed unless `verify` is off). A new format is one Exporter subclass in a
-module named under `plugins:` (or a `sparsify.exporters` entry point).
+2:4-sparse (`sparsify.io.onnx_check`; onnxruntime needed unless `verify` is off); `pt2` is a
+`torch.export` program, checked by running it. With `compact`, the model is first made smaller
+(`sparsify.graph.compact`: the channels whose output is provably unused are removed, what they still
+contribute folded into the next layer's bias, outputs checked against the masked model); the
+safetensors file then records the new tensor shapes in its metadata (`compact_shapes`), which
+`sparsify.runtime.load_compact` reads. A new format is one Exporter subclass in a module named under
+`plugins:` (or a `sparsify.exporters` entry point).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ class Exporter:
 
     name: ClassVar[str]
     suffix: ClassVar[str]  # file name suffix, without the dot
+    supports_compact: ClassVar[bool] = False  # can write the compact model (`export --compact`)
 
-    def __init__(self, *, verify: bool = True) -> None:
+    def __init__(self, *, verify: bool = True, compact: bool = False) -> None:
         self.verify = verify  # a format that can check its file against the model does so unless False
+        self.compact = compact  # write the compact model (only where supports_compact)
 
     def write(self, ckpt) -> bytes:
         """The file's bytes for a loaded, validated checkpoint."""
@@ -43,9 +50,12 @@ class Exporter:
 
 
 def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, output: Path | None = None,
-                      verify: bool = True) -> Path:
+                      verify: bool = True, compact: bool = False) -> Path:
     """Write the checkpoint in `fmt` (checked first where the format can be, unless `verify` is off); the path."""
-    exporter = EXPORTERS.get(fmt)(verify=verify)
+    exporter = EXPORTERS.get(fmt)(verify=verify, compact=compact)
+    if compact and not exporter.supports_compact:
+        can = ", ".join(n for n in EXPORTERS.names() if EXPORTERS.get(n).supports_compact)
+        raise SparsifyError(f"export --compact cannot write format {fmt!r}; use --format {can}")
     if output is not None and Path(output).is_dir():
         raise SparsifyError(f"export -o {output} is a directory; name the file to write, e.g. "
                             f"-o {Path(output) / ('model.' + exporter.suffix)}")
@@ -58,7 +68,8 @@ def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, 
         raise SparsifyError(f"run folder {run.root} has no checkpoint to export; run `sparsify download` first")
     expected = run.recorded_sha256(source) if checkpoint is None or source.parent == run.checkpoints_dir else None
     ckpt = load_checkpoint(source, expected_sha256=expected)  # refuses drifted or altered files
-    output = Path(output) if output else run.root / "export" / f"{source.stem}.{exporter.suffix}"
+    stem = f"{source.stem}.compact" if compact else source.stem
+    output = Path(output) if output else run.root / "export" / f"{stem}.{exporter.suffix}"
     data = exporter.write(ckpt)  # before any folder is made: a refused check leaves nothing behind
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(output, data)
@@ -72,11 +83,42 @@ def export_metadata(meta: dict) -> dict[str, str]:
     return info
 
 
-def safetensors_bytes(ckpt) -> bytes:
+def safetensors_bytes(ckpt, *, compact: bool = False) -> bytes:
     from safetensors.torch import save
 
-    state = {k: v.contiguous() for k, v in ckpt.state.items()}
-    return save(state, metadata=export_metadata(ckpt.meta))
+    if not compact:
+        return save({k: v.contiguous() for k, v in ckpt.state.items()}, metadata=export_metadata(ckpt.meta))
+    _, result = compacted(ckpt)
+    state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
+    metadata = {**export_metadata(ckpt.meta), "compact_shapes": json.dumps(result.shapes),
+                "compaction": json.dumps([plan.record() for plan in result.sets])}
+    return save(state, metadata=metadata)
+
+
+def compacted(ckpt):
+    """(the masked model, its Compaction) of a checkpoint, outputs checked; one line on the log."""
+    from sparsify.graph.compact import TOLERANCE, compact_model
+    from sparsify.io.onnx_check import random_batch
+    from sparsify.io.restore import rebuild
+
+    model = rebuild(ckpt).model.eval()
+    meta = ckpt.meta
+    example = random_batch(meta["in_channels"], meta.get("input_size") or 224)
+    try:
+        result = compact_model(model, example)
+    except ValueError as exc:  # outputs changed: a bug in compaction, never written
+        raise SparsifyError(f"compaction of {meta['arch']} failed its check: {exc}; nothing written; this is "
+                            "a bug in sparsify, export without --compact meanwhile") from None
+    except Exception as exc:  # the model cannot be traced with torch.fx
+        raise SparsifyError(f"{meta['arch']} cannot be compacted: torch.fx cannot trace it "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                            "export without --compact") from None
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in result.model.parameters())
+    log(f"compact: {result.removed} channels removed, parameters {before:,} -> {after:,} "
+        f"({after / before:.1%}); outputs equal the masked model's within {TOLERANCE:.0e} relative")
+    return model, result
+
 
 
 def pth_bytes(ckpt) -> bytes:
@@ -86,17 +128,23 @@ def pth_bytes(ckpt) -> bytes:
     return buffer.getvalue()
 
 
-def onnx_bytes(ckpt, *, verify: bool = True) -> bytes:
-    """The checkpoint's model as an ONNX graph, checked (`check_onnx`) before it is returned."""
+def onnx_bytes(ckpt, *, verify: bool = True, compact: bool = False) -> bytes:
+    """The checkpoint's (or its compact) model as an ONNX graph, checked (`check_onnx`) before it is returned.
+
+    The compact graph's zeros are not checked: its weights no longer have the masks' shapes."""
     require_onnx_packages(verify=verify)
     from sparsify.io.restore import rebuild
 
-    loaded = rebuild(ckpt)
-    model, meta = loaded.model.eval(), ckpt.meta
+    meta = ckpt.meta
     size = meta.get("input_size") or 224
+    if compact:
+        model, masked = compacted(ckpt)[1].model, None
+    else:
+        loaded = rebuild(ckpt)
+        model = loaded.model.eval()
+        masked = {name: (~loaded.pattern.expand(mask, tuple(ckpt.state[name].shape))).numpy()
+                  for name, mask in loaded.masks.items()}
     data = onnx_graph(model, arch=meta["arch"], in_channels=meta["in_channels"], size=size)
-    masked = {name: (~loaded.pattern.expand(mask, tuple(ckpt.state[name].shape))).numpy()
-              for name, mask in loaded.masks.items()}
     for line in check_onnx(data, model, masked, input_size=size, in_channels=meta["in_channels"], verify=verify):
         log(line)
     return data
@@ -121,12 +169,52 @@ def onnx_graph(model: torch.nn.Module, *, arch: str, in_channels: int, size: int
     return buffer.getvalue()
 
 
+def pt2_bytes(ckpt, *, verify: bool = True, compact: bool = False) -> bytes:
+    """A `torch.export` program of the checkpoint's (or its compact) model, dynamic batch; with `verify`,
+    loaded back and run against the model on a random batch."""
+    from sparsify.io.onnx_check import random_batch
+    from sparsify.io.restore import rebuild
+
+    meta = ckpt.meta
+    model = compacted(ckpt)[1].model if compact else rebuild(ckpt).model.eval()
+    example = random_batch(meta["in_channels"], meta.get("input_size") or 224)
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # torch.export's errors span pages
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SparsifyError(f"torch.export cannot export {meta['arch']} ({first}); "
+                            "export --format safetensors instead") from None
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    if verify:
+        loaded = torch.export.load(io.BytesIO(buffer.getvalue())).module()
+        with torch.no_grad():
+            want, got = model(example), loaded(example)
+        worst = float((want - got).abs().max())
+        if not worst <= 1e-5 * (float(want.abs().max()) or 1.0):
+            raise SparsifyError(f"the exported program's outputs differ from the model's by {worst:.3g}; "
+                                "nothing written (export --no-verify writes it unchecked)")
+        log(f"pt2: outputs match the model's on a random batch {'x'.join(map(str, example.shape))} "
+            f"(max abs diff {worst:.2g})")
+    return buffer.getvalue()
+
+
 @EXPORTERS.register("safetensors")
 class SafetensorsExporter(Exporter):
     name, suffix = "safetensors", "safetensors"
+    supports_compact = True
 
     def write(self, ckpt) -> bytes:
-        return safetensors_bytes(ckpt)
+        return safetensors_bytes(ckpt, compact=self.compact)
+
+
+@EXPORTERS.register("pt2")
+class Pt2Exporter(Exporter):
+    name, suffix = "pt2", "pt2"
+    supports_compact = True
+
+    def write(self, ckpt) -> bytes:
+        return pt2_bytes(ckpt, verify=self.verify, compact=self.compact)
 
 
 @EXPORTERS.register("pth")
@@ -140,6 +228,7 @@ class PthExporter(Exporter):
 @EXPORTERS.register("onnx")
 class OnnxExporter(Exporter):
     name, suffix = "onnx", "onnx"
+    supports_compact = True
 
     def write(self, ckpt) -> bytes:
-        return onnx_bytes(ckpt, verify=self.verify)
+        return onnx_bytes(ckpt, verify=self.verify, compact=self.compact)

@@ -1,6 +1,6 @@
 """Channel groups of pattern channel: which producers are tied, which cannot be pruned and why.
 
-A group is one channel set (rounds/channels.py) seen from its producers: the conv/Linear layers
+A group is one channel set (graph/channels.py) seen from its producers: the conv/Linear layers
 whose output channels it carries. Producers tied through a residual add share each channel, so a
 channel is pruned in all of them or in none: their scores are summed and one choice is made for
 all. A set the graph cannot follow (an unknown op, a reshape across channels, the model output)
@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from sparsify.core.criteria import ScoreInputs, score_groups
-from sparsify.rounds.channels import ChannelGraph
+from sparsify.graph.channels import batchnorm_after, is_producer, traced_graph
 
 UNFOLLOWED = "its output channels reach no layer the channel graph follows (the model output or an unknown op)"
 
@@ -32,28 +32,6 @@ class ChannelGroups:
     def record(self) -> dict:
         """What the checkpoint metadata keeps."""
         return {"tied": self.tied, "skipped": self.skipped}
-
-
-def is_producer(module: nn.Module) -> bool:
-    """A dense conv or Linear layer: its output channels start a channel set."""
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1
-
-
-def traced_graph(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, ChannelGraph]:
-    """The fx graph of `model` with shapes from `example` (eval mode, model unchanged) and its channel graph."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    traced = fx.symbolic_trace(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(traced).propagate(example)
-    finally:
-        model.train(was_training)
-    return traced, ChannelGraph(traced)
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor, pruned: list[str]) -> ChannelGroups:
@@ -92,25 +70,14 @@ def set_reason(s, producers: list[str], pruned: list[str]) -> str:
     """Why the producers of channel set `s` cannot be pruned ('' when they can)."""
     if s.problem:
         return f"its channels cannot be followed: {s.problem}"
+    if s.mixing:
+        return f"its channels cannot be removed one by one: {s.mixing}"
     if not s.consumers:
         return UNFOLLOWED
     held = [n for n in producers if n not in pruned]
     if held:
         return f"tied through a residual add to {held[0]}, which is not pruned"
     return ""
-
-
-def batchnorm_after(traced: fx.GraphModule) -> dict[str, str]:
-    """Weight name of each conv/Linear -> the BatchNorm module that is its only user."""
-    modules = dict(traced.named_modules())
-    found = {}
-    for node in traced.graph.nodes:
-        if node.op != "call_module" or not is_producer(modules[node.target]) or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        if user.op == "call_module" and isinstance(modules[user.target], nn.modules.batchnorm._BatchNorm):
-            found[f"{node.target}.weight"] = user.target
-    return found
 
 
 def batchnorm_scales(model: nn.Module, groups: ChannelGroups, names: list[str]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ from sparsify.core.masks import MaskEnforcer
 from sparsify.errors import TargetReached
 from sparsify.registry import CRITERIA, PATTERNS
 from sparsify.rounds.base import PruneRound, RoundHook
-from sparsify.rounds.channelgroups import ChannelGroups, batchnorm_after, batchnorm_scales, channel_groups, tie_masks
+from sparsify.graph.channels import batchnorm_after
+from sparsify.rounds.channelgroups import ChannelGroups, batchnorm_scales, channel_groups, tie_masks
 from sparsify.rounds.permute import describe_permutation, permute_before_prune_
 from sparsify.rounds.regroup import describe_regroup, imp_at_target, regroup_round
 from sparsify.rounds.rewind import rewind_model_

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from sparsify.rounds.channels import ChannelSet, trace_channel_sets
+from sparsify.graph.channels import ChannelSet, trace_channel_sets
 from sparsify.rounds.permsearch import kept_magnitude, search_permutation
 
 DEFAULT_MAX_ITERATIONS = 2000  # sparsity.permute.max_iterations (config.py); the bench measures it

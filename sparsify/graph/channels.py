@@ -35,6 +35,7 @@ class ChannelSet:
     consumers: list[str] = field(default_factory=list)  # weight names whose input channels move
     producers: int = 0
     problem: str = ""
+    mixing: str = ""  # why a channel cannot be removed alone (an op that mixes channels, e.g. LayerNorm)
 
 
 class ChannelGraph:
@@ -69,6 +70,7 @@ class ChannelGraph:
             sa.consumers += sb.consumers
             sa.producers += sb.producers
             sa.problem = sa.problem or sb.problem
+            sa.mixing = sa.mixing or sb.mixing
             self.parent[b] = a
         return a
 
@@ -103,6 +105,10 @@ class ChannelGraph:
         self.where[node] = (sid, src_axis if axis is None else axis)
         return True
 
+    def mark_mixing(self, node: fx.Node, reason: str) -> None:
+        s = self.sets[self.find(self.where[node][0])]
+        s.mixing = s.mixing or reason
+
     def move(self, node: fx.Node, name: str, dim: int) -> None:
         self.sets[self.find(self.where[node][0])].moves.append((name, dim))
 
@@ -131,6 +137,7 @@ class ChannelGraph:
         if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (shape[-1],) and axis == ndim - 1:
             self.same(node, source)
             self.move_params(node, name, module, ("weight", "bias"))
+            self.mark_mixing(node, f"LayerNorm {name} normalises over these channels")
             return True
         if isinstance(module, _UNARY_MODULES) or type(module).__name__ == "StochasticDepth":
             return self.same(node, source)
@@ -209,6 +216,7 @@ class ChannelGraph:
         if tuple(normalized) != (shape[-1],) or axis != len(shape) - 1:
             return False
         self.same(node, source)
+        self.mark_mixing(node, f"layer_norm ({node.name}) normalises over these channels")
         for attr in list(node.args[2:4]) + [node.kwargs.get("weight"), node.kwargs.get("bias")]:
             if isinstance(attr, fx.Node) and attr.op == "get_attr":
                 self.move(node, attr.target, 0)
@@ -239,6 +247,26 @@ class ChannelGraph:
         return [s for s in roots if s.consumers]
 
 
+def is_producer(module: nn.Module) -> bool:
+    """A dense conv or Linear layer: its output channels start a channel set."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1
+
+
+def batchnorm_after(traced: fx.GraphModule) -> dict[str, str]:
+    """Weight name of each conv/Linear -> the BatchNorm module that is its only user."""
+    modules = dict(traced.named_modules())
+    found = {}
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or not is_producer(modules[node.target]) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(modules[user.target], nn.modules.batchnorm._BatchNorm):
+            found[f"{node.target}.weight"] = user.target
+    return found
+
+
 def node_args(node: fx.Node) -> list:
     found: list = []
     fx.node.map_arg((node.args, node.kwargs), found.append)
@@ -263,8 +291,10 @@ def describe(node: fx.Node) -> str:
     return f"module {node.target}" if node.op == "call_module" else f"{target_name(node)} ({node.name})"
 
 
-def trace_channel_sets(model: nn.Module, example: torch.Tensor) -> list[ChannelSet]:
-    """Channel sets of `model`, shapes propagated with `example` in eval mode (the model is unchanged)."""
+def traced_graph(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, ChannelGraph]:
+    """The fx graph of `model` with shapes from `example` (eval mode, model unchanged) and its channel graph.
+
+    The graph shares the model's modules: what changes a module of one changes the other."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     traced = fx.symbolic_trace(model)
@@ -275,4 +305,9 @@ def trace_channel_sets(model: nn.Module, example: torch.Tensor) -> list[ChannelS
             ShapeProp(traced).propagate(example)
     finally:
         model.train(was_training)
-    return ChannelGraph(traced).channel_sets()
+    return traced, ChannelGraph(traced)
+
+
+def trace_channel_sets(model: nn.Module, example: torch.Tensor) -> list[ChannelSet]:
+    """Channel sets of `model`, shapes propagated with `example` in eval mode (the model is unchanged)."""
+    return traced_graph(model, example)[1].channel_sets()
