@@ -169,3 +169,19 @@ def test_export_compact_refuses_pth_and_a_plain_file_to_load_compact(tiny_config
     code, out, _ = cli("export", "-c", config)
     with pytest.raises(SparsifyError, match="no compact_shapes"):
         load_compact(out.strip().splitlines()[-1])
+
+
+def test_bench_times_the_compact_model_and_report_shows_the_compaction(tiny_config, cli, tmp_path):
+    config = tiny_config(sparsity={"target": 0.5, "step": 0.5, "pattern": {"type": "channel"}})
+    assert cli("download", "-c", config)[0] == 0 and cli("prune", "-c", config)[0] == 0
+    code, out, err = cli("bench", "-c", config, "--batch", "2", "--runs", "1", "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [row["model"] for row in result["end_to_end"]] == ["dense", "masked", "calibrated", "compact"]
+    compaction = result["compaction"]
+    assert compaction["removed_channels"] > 0 and compaction["macs_after"] < 0.5 * compaction["macs_before"]
+    assert all(row["params_after"] < row["params_before"] for row in compaction["layers"])
+    code, out, err = cli("report", "-c", config)
+    assert code == 0, err
+    assert "compaction (export --compact)" in out and "layer1.0.conv1" in out
+    assert f"{compaction['removed_channels']} channels removed" in out.replace("\n", " ")

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 MODEL_NOTES = {"dense": "dense weights, dense kernels", "masked": "pruned weights, dense kernels",
-               "calibrated": "pruned weights, fastest executor per layer"}
+               "calibrated": "pruned weights, fastest executor per layer",
+               "compact": "unused channels removed (export --compact), dense kernels"}
 
 
 def human(count: float, unit: str = "") -> str:
@@ -35,7 +36,26 @@ def header_lines(result: dict) -> list[str]:
         f"{human(costs['macs'])} dense, {human(costs['effective_macs'])} on kept weights ({costs['mac_ratio']:.1%})",
         f"checkpoint {megabytes(sizes['checkpoint'])}; safetensors export {megabytes(sizes['safetensors_export'])}, "
         f"{megabytes(sizes['safetensors_export_zlib'])} compressed (zlib)",
+        *compaction_lines(result.get("compaction")),
     ]
+
+
+def compaction_lines(compaction: dict | None) -> list[str]:
+    """Parameters and multiply-adds before and after `export --compact`, and why zero channels stay."""
+    if not compaction:
+        return []
+    if "error" in compaction:
+        return [f"compaction: not possible ({compaction['error']})"]
+    lines = [f"compaction: {compaction['removed_channels']} channels removed; parameters "
+             f"{human(compaction['params_before'])} -> {human(compaction['params_after'])}, multiply-adds per "
+             f"image {human(compaction['macs_before'])} -> {human(compaction['macs_after'])} "
+             f"({compaction['macs_after'] / max(compaction['macs_before'], 1):.1%})"]
+    kept = compaction.get("kept") or []
+    if kept:
+        zeros = sum(plan["kept_zero"] for plan in kept)
+        lines.append(f"compaction keeps {zeros} zero channels in {len(kept)} channel sets; first: "
+                     f"{kept[0]['producers'][0]}: {kept[0]['reason']}")
+    return lines
 
 
 def end_to_end_lines(result: dict) -> list[str]:
@@ -85,6 +105,7 @@ def bench_summary(run_root: Path) -> dict | None:
                 "end_to_end": [{key: row[key] for key in ("batch", "model", "median_ms", "images_per_s", "vs_dense")}
                                for row in result["end_to_end"]],
                 "sparse_layers": sum(row["chosen"] != "dense" for row in result["layers"]),
+                "compaction": result.get("compaction"),
                 "layers": len(result["layers"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -72,9 +72,21 @@ def build_report(target: Path) -> dict:
         "bn_recalibration": meta.get("bn_recalibration"),  # a pruned checkpoint's BatchNorm re-estimation
         "activations": activation_rows(meta),
         "bench": bench_summary(run.root) if run else None,  # the run's latest `sparsify bench`
+        "compaction": compaction_record(ckpt) if pattern.name == "channel" else None,
     }
     report["outcome"] = outcome(report, run, path, meta)
     return report
+
+
+def compaction_record(ckpt) -> dict:
+    """Pattern channel: parameters and multiply-adds before and after `export --compact`, per layer and in total."""
+    from sparsify.io.restore import rebuild
+    from sparsify.stages.costs import compaction_costs
+
+    meta = ckpt.meta
+    size = meta.get("input_size") or 224
+    example = torch.randn(2, meta["in_channels"], size, size, generator=torch.Generator().manual_seed(0))
+    return compaction_costs(rebuild(ckpt).model.eval(), example)[1]
 
 
 def activation_rows(meta: dict) -> list[dict]:

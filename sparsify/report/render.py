@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
+from sparsify.report.bench import compaction_lines, human
 from sparsify.report.build import LAYER_COLUMNS, REGROUP_NOTE
 
 # One unit convention for people (table, markdown): sparsity, densities and accuracies are
@@ -228,7 +229,12 @@ def render_table(report: dict, *, width: int | None = None) -> str:
     if report.get("regroup"):
         sections.append([_table("regroup (this round)", _REGROUP_HEAD, _display_regroup(report), width=width,
                                 left=("parameter", "block sizes")), REGROUP_NOTE])
+    compaction = report.get("compaction") or {}
+    if compaction.get("layers"):
+        sections.append([_table("compaction (export --compact)", _COMPACTION_HEAD, _display_compaction(compaction),
+                                width=width, left=("layer", "shape"))])
     notes = [f"constraint: {item['parameter']}: {item['note']}" for item in report["constraints"]]
+    notes += compaction_lines(report.get("compaction"))
     notes += permutation_lines(report.get("permutation"))
     notes += bn_recalibration_lines(report.get("bn_recalibration"))
     notes += bench_lines(report.get("bench"))
@@ -283,6 +289,15 @@ def render_markdown(report: dict) -> str:
     if outcome_line(report):
         parts += ["", outcome_line(report)]
     return "\n".join(parts)
+
+
+_COMPACTION_HEAD = ["layer", "shape", "params", "multiply-adds"]
+
+
+def _display_compaction(compaction: dict) -> list[list[str]]:
+    return [[row["layer"], f"{'x'.join(map(str, row['shape_before']))} -> {'x'.join(map(str, row['shape_after']))}",
+             f"{human(row['params_before'])} -> {human(row['params_after'])}",
+             f"{human(row['macs_before'])} -> {human(row['macs_after'])}"] for row in compaction["layers"]]
 
 
 def bench_lines(bench: dict | None) -> list[str]:

@@ -3,7 +3,8 @@
 Three models of the same architecture run the same random batch: `dense` (the run's round-0
 checkpoint when there is one, else the architecture with fresh weights), `masked` (the checkpoint
 run by dense kernels, as every framework runs it) and `calibrated` (each pruned layer on the executor
-calibration found fastest at that batch size; see sparsify.runtime). Times are medians of
+calibration found fastest at that batch size; see sparsify.runtime); a fourth, `compact`, when
+`export --compact` would remove channels (the smaller dense model, dense kernels). Times are medians of
 interleaved rounds after warm-up, with min and max. The result goes to `<run>/bench.json`.
 """
 
@@ -27,12 +28,12 @@ from sparsify.io.restore import build_model_for, load_run
 from sparsify.io.rundir import RunDir
 from sparsify.runtime.calibrate import device_name
 from sparsify.runtime.load import deploy, input_shape, open_checkpoint
-from sparsify.stages.costs import compressed_size, layer_costs, model_costs
+from sparsify.stages.costs import compaction_costs, compressed_size, layer_costs, model_costs
 from sparsify.runtime.timing import interleaved_times
 from sparsify.training.distributed import resolve_device
 
 BENCH_FILE = "bench.json"
-MODELS = ("dense", "masked", "calibrated")
+MODELS = ("dense", "masked", "calibrated", "compact")
 
 
 @dataclass(kw_only=True)
@@ -62,17 +63,20 @@ def bench(target: Path, settings: BenchSettings) -> dict:
         example = torch.randn(input_shape(meta, 1, settings.input_size),
                               generator=torch.Generator().manual_seed(settings.seed))
         rows = layer_costs(masked, example)
+        compact, compaction = compaction_costs(masked, example.expand(2, *example.shape[1:]))
+        if compact is not None and not compaction["removed_channels"]:
+            compact = None
         result = {
             "checkpoint": str(checkpoint), "arch": meta["arch"], "round": meta.get("round"),
             "pattern": describe_pattern(meta["pattern"]) if meta.get("pattern") else None,
             "environment": environment(device), "dense_source": dense_source,
             "input": list(example.shape[1:]), "batches": list(settings.batches),
             "costs": model_costs(masked, rows), "sizes": sizes(loaded, checkpoint),
-            "end_to_end": [], "layers": [], "cost_layers": rows,
+            "end_to_end": [], "layers": [], "cost_layers": rows, "compaction": compaction,
         }
         for batch in settings.batches:
             timed, calibration = time_batch(checkpoint, meta, dense, masked, batch=batch, device=device,
-                                            settings=settings)
+                                            settings=settings, compact=compact)
             result["end_to_end"] += timed
             result["layers"] += layer_rows(calibration, batch)
         result["seconds"] = round(time.perf_counter() - started, 2)
@@ -92,8 +96,9 @@ def dense_model(run: RunDir | None, loaded, checkpoint: Path) -> tuple[nn.Module
 
 
 def time_batch(checkpoint: Path, meta: dict, dense: nn.Module, masked: nn.Module, *, batch: int, device: torch.device,
-               settings: BenchSettings) -> tuple[list[dict], object]:
-    """End-to-end times of the three models at `batch`, and the calibration the calibrated one runs."""
+               settings: BenchSettings, compact: nn.Module | None = None) -> tuple[list[dict], object]:
+    """End-to-end times of the models at `batch` (compact too when given), and the calibration the
+    calibrated one runs."""
     deployed = deploy(checkpoint, device=device, batch=batch, input_size=settings.input_size, seed=settings.seed)
     calibration = deployed.calibration
     state = "reused from " + deployed.calibration_path.name if calibration.reused else f"{calibration.seconds:.1f} s"
@@ -102,6 +107,8 @@ def time_batch(checkpoint: Path, meta: dict, dense: nn.Module, masked: nn.Module
     example = torch.randn(input_shape(meta, batch, settings.input_size),
                           generator=torch.Generator().manual_seed(settings.seed)).to(device)
     models = {"dense": dense.to(device), "masked": masked.to(device), "calibrated": deployed.model}
+    if compact is not None:
+        models["compact"] = compact.to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         times = interleaved_times({name: (lambda m=m: m(example)) for name, m in models.items()},

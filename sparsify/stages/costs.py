@@ -56,3 +56,27 @@ def model_costs(model: nn.Module, rows: list[dict]) -> dict:
 def compressed_size(data: bytes) -> int:
     """Bytes after fast zlib compression: what the zeros save on disk or on the wire, as a plain archive would."""
     return len(zlib.compress(data, 1))
+
+
+def compaction_costs(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module | None, dict]:
+    """What `export --compact` would leave of `model`: (the compact model or None, a JSON-ready record of
+    parameters and multiply-adds before and after, per layer and in total, and the zero channels kept with
+    the reason). A model torch.fx cannot trace gives (None, {"error": why})."""
+    from sparsify.graph.compact import compact_model
+
+    try:
+        result = compact_model(model, example[:2])
+    except Exception as exc:  # untraceable, or a compaction whose check failed
+        return None, {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"}
+    before = {row["layer"]: row for row in layer_costs(model, example)}
+    after = {row["layer"]: row for row in layer_costs(result.model, example)}
+    layers = [{"layer": name, "shape_before": row["shape"], "shape_after": after[name]["shape"],
+               "params_before": row["params"], "params_after": after[name]["params"],
+               "macs_before": row["macs"], "macs_after": after[name]["macs"]}
+              for name, row in before.items() if name in after and row["shape"] != after[name]["shape"]]
+    totals = {"params_before": sum(p.numel() for p in model.parameters()),
+              "params_after": sum(p.numel() for p in result.model.parameters()),
+              "macs_before": sum(r["macs"] for r in before.values()),
+              "macs_after": sum(r["macs"] for r in after.values())}
+    kept = [plan.record() for plan in result.sets if plan.kept_zero]
+    return result.model, {"removed_channels": result.removed, **totals, "layers": layers, "kept": kept}
