@@ -139,9 +139,12 @@ def cheapest_levels(curves: dict[str, list[tuple[float, float]]], weights: dict[
         levels[name] = x0 + take
         left -= take * weights[name]
     if left > max(zeros, 1.0) * 1e-9:
-        reach = sum(max(level for level, _ in curves[n]) * weights[n] for n in curves if curves[n])
-        raise SparsifyError(f"sparsity.allocation sensitivity: the scanned levels zero at most {reach:,.0f} of the "
-                            f"{zeros:,.0f} weights the target asks of these layers; scan a higher level, e.g. "
+        total = sum(weights.values())
+        reach = sum(max((level for level, _ in curves[n]), default=0.0) * weights[n] for n in curves)
+        raise SparsifyError(f"sparsity.allocation sensitivity: the scanned levels, as the constraints let each layer "
+                            f"reach them, zero at most {reach / total:.1%} of these layers' weights, short of the "
+                            f"{zeros / total:.1%} "
+                            "the target asks of them; lower sparsity.target or scan a higher level, e.g. "
                             "`sparsify sensitivity -c CFG --levels 0.25,0.5,0.75,0.9,0.95`")
     return levels
 
