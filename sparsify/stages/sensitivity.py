@@ -90,10 +90,7 @@ def sensitivity(config: RunConfig, settings: ScanSettings) -> dict:
             key = scan_key(config, loaded.checkpoint, scan.levels, len(scan.val_batches))
             data = run_on_main(starting_data, run.root / SENSITIVITY_FILE, key, list(scan.masks), scan)
             todo = [name for name in scan.masks if name not in {e["layer"] for e in data["layers"]}]
-            log(f"sensitivity: {len(scan.masks)} eligible layers x levels {list(scan.levels)} on "
-                f"{len(scan.val_batches)} validation batch(es)" + (f", {len(data['layers'])} measured before"
-                                                                      if data["layers"] else "")
-                + (f", {info.world_size} processes" if info.active else ""))
+            log(scan_line(scan, before=len(data["layers"]), processes=info.world_size))
             with Progress("sensitivity", total=len(scan.masks), done=len(data["layers"])) as bar:
                 for start in range(0, len(todo), info.world_size):
                     mine = todo[start + info.rank] if start + info.rank < len(todo) else None
@@ -104,6 +101,13 @@ def sensitivity(config: RunConfig, settings: ScanSettings) -> dict:
                     bar.advance(len(found), found[-1]["layer"])
             data = run_on_main(record_allocation, run.root / SENSITIVITY_FILE, data, config, scan)
     return data
+
+
+def scan_line(scan: Scan, *, before: int, processes: int) -> str:
+    """What the scan is about to do, for the log."""
+    return (f"sensitivity: {len(scan.masks)} eligible layers x levels {list(scan.levels)} on "
+            f"{len(scan.val_batches)} validation batch(es)" + (f", {before} measured before" if before else "")
+            + (f", {processes} processes" if processes > 1 else ""))
 
 
 def prepare_scan(config: RunConfig, run: RunDir, loaded, settings: ScanSettings, device: torch.device) -> Scan:
