@@ -107,7 +107,8 @@ class SparsityConfig(_Section):
     target: float = Field(default=0.5, ge=0.0, lt=1.0)  # share of each layer's groups that end up zero
     step: float = Field(default=0.2, gt=0.0, le=1.0)  # share zeroed per round (see step_basis)
     step_basis: Literal["remaining", "target"] = "remaining"
-    scope: Literal["layer", "global"] = "layer"  # global: one ranking over all eligible layers (unstructured)
+    scope: Literal["layer", "global"] = "layer"  # global: one ranking over all eligible layers (unstructured:
+    # target = share of the eligible weights; channel: share of the model's multiply-adds)
     criterion_batches: int = Field(default=8, ge=1)  # taylor: training batches whose gradients are accumulated
     recalibrate_bn: int = Field(default=20, ge=0)  # training batches that re-estimate BatchNorm after a prune; 0: off
     rewind: Optional[RewindConfig] = None  # null | {to: init} | {to: round0} | {epoch: E}
@@ -155,8 +156,8 @@ class SparsityConfig(_Section):
         keys = " and ".join(k for k, on in (("sparsity.layers", self.layers),
                                             (f"allocation: {self.allocation}", self.allocation != "uniform")) if on)
         if self.scope == "global":
-            raise ConfigError(f"{keys}: per-layer targets, which scope 'global' "
-                              "(one ranking over all layers) does not have; use scope: layer")
+            raise ConfigError(f"{keys}: per-layer targets, which scope 'global' (one ranking over all layers "
+                              "towards one model-wide target) does not have; use scope: layer")
         if not METHODS.get(self.method).prune_rounds:
             raise ConfigError(f"{keys}: per-layer targets apply to prune rounds; method {self.method} "
                               "has none, so remove them or use method: static")

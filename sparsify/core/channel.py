@@ -5,8 +5,8 @@ kernel taps). What ties channels across layers (residual adds, BatchNorm, depthw
 consumers) is found by the prune round's channel hook (rounds/channelgroups.py), which prunes
 tied producers together and skips what the channel graph cannot follow.
 
-Mask semantics: a pruned channel is gone. Its producer weights are exactly 0, and so are the scale
-and shift of the BatchNorm right after the producer (`followers`, kept at zero by the MaskEnforcer
+Mask semantics: a pruned channel is gone. Its producer weights and bias are exactly 0, and so are the
+scale and shift of the BatchNorm right after the producer (`followers`, kept at zero by the MaskEnforcer
 while training), so the channel carries exact zeros to its consumers, whatever the running
 statistics. The consumers' input weights are not masked: `export --compact` removes them with the
 channel (graph/compact.py), and folds any constant a later op adds (a bias, the shift of a
@@ -38,6 +38,8 @@ class ChannelPattern(Pattern):
     Options = ChannelOptions
     supports_variance = True
     couples_channels: ClassVar[bool] = True  # the prune round couples producers through the channel graph
+    supports_global: ClassVar[bool] = True  # scope global: one ranking of channels over the model ...
+    global_share: ClassVar[str] = "macs"  # ... whose target is a share of the model's multiply-adds
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ChannelPattern)
@@ -78,16 +80,20 @@ class ChannelPattern(Pattern):
         return mask.reshape(shape[0], *([1] * (len(shape) - 1))).expand(shape).contiguous()
 
     def followers(self, model: nn.Module, names: list[str]) -> dict[str, str]:
-        """The scale and shift of the BatchNorm right after each named layer (none when the model cannot be traced)."""
+        """Each named layer's bias, and the scale and shift of the BatchNorm right after it (when the model
+        can be traced)."""
         from torch import fx
 
         from sparsify.graph.channels import batchnorm_after
 
+        params = dict(model.named_parameters())
+        found = {f"{name[: -len('weight')]}bias": name for name in names
+                 if name.endswith(".weight") and f"{name[: -len('weight')]}bias" in params}
         try:
             after = batchnorm_after(fx.symbolic_trace(model))
         except Exception:  # data-dependent control flow: the channel hook prunes nothing in such a model
-            return {}
-        modules, found = dict(model.named_modules()), {}
+            return found
+        modules = dict(model.named_modules())
         for name in names:
             bn = modules.get(after[name]) if name in after else None
             if bn is not None and bn.affine:

@@ -35,6 +35,8 @@ class Pattern(ABC):
     one_round: ClassVar[bool] = False  # a single prune round reaches the pattern (`select`); step/target do not apply
     supports_variance: ClassVar[bool] = False  # groups of several weights: criterion variance applies
     supports_global: ClassVar[bool] = False  # scope: global can rank its groups across layers
+    global_share: ClassVar[str] = "groups"  # scope global's target is a share of: groups (prune_round_global) or
+    # macs (the model's multiply-adds, counted by the prune round's channel hook: rounds/channelglobal.py)
     supports_regroup: ClassVar[bool] = False  # sparsity.regroup can turn its masks into dense blocks
     supports_permute: ClassVar[bool] = False  # sparsity.permute can reorder input channels for it
 
@@ -56,6 +58,10 @@ class Pattern(ABC):
     @classmethod
     def apply_config_rules(cls, sparsity, given: set[str]) -> None:
         """Defaults and refusals this pattern imposes on the `sparsity:` section (SparsifyError)."""
+        if sparsity.scope == "global" and not cls.supports_global:
+            raise SparsifyError(f"sparsity.scope 'global' (one ranking over all layers) applies to pattern "
+                                f"unstructured (a share of the weights) or channel (a share of the multiply-adds), "
+                                f"not {cls.name!r}; use scope: layer")
         if sparsity.permute.enabled and not cls.supports_permute:
             raise SparsifyError(f"sparsity.permute applies to pattern nm only, not {cls.name!r}; "
                                 "set permute.enabled: false or pattern: {type: nm, n: 2, m: 4}")

@@ -8,7 +8,8 @@ Counting rules (scope `layer`), per eligible layer with G groups of which `kept`
 - a group whose removal would break a constraint is skipped for the next-best one; keep_rows does not
   apply to a grid of one column (pattern channel: a row is one group).
 Scope `global` (pattern unstructured): the same counts over all eligible layers together, with one
-ranking of the criterion's raw scores (see `prune_round_global`).
+ranking of the criterion's raw scores (see `prune_round_global`). Pattern channel's scope global is a
+share of multiply-adds instead, ranked by the prune round (rounds/channelglobal.py).
 """
 
 from __future__ import annotations
@@ -218,7 +219,12 @@ def check_global(settings: PruneSettings) -> None:
     """Refuse settings that a single ranking over all layers cannot honour."""
     if not settings.pattern.supports_global:
         raise SparsifyError(f"sparsity.scope 'global' ranks single weights across layers and needs pattern "
-                            f"'unstructured', not {settings.pattern.name!r}; use scope: layer for this pattern")
+                            f"'unstructured', not {settings.pattern.name!r} (or pattern 'channel', whose global "
+                            "target is a share of multiply-adds); use scope: layer for this pattern")
+    if settings.pattern.global_share != "groups":
+        raise SparsifyError(f"sparsity.scope 'global' with pattern {settings.pattern.name!r} is a share of the "
+                            "model's multiply-adds, which `sparsify prune` counts over the channel graph "
+                            "(rounds/channelglobal.py); this ranking counts groups only")
     if settings.balanced:
         raise SparsifyError("sparsity.balanced caps zeros per output block of one layer and has no meaning "
                             "with scope 'global'; set balanced: false or scope: layer")

@@ -35,6 +35,7 @@ class PruneRound:
     rewind_point: Callable[[], dict] | None = None  # the rewind state, read when a hook asks
     taylor: dict[str, torch.Tensor] | None = None
     channel_scales: dict[str, torch.Tensor] | None = None  # |gamma| per output channel (criterion bn_scale)
+    channel_macs: Any = None  # pattern channel with scope global: the multiply-adds model (graph/channelmacs.py)
     entries: list = field(default_factory=list)  # LayerRound per layer, after the ranking
     meta: dict = field(default_factory=dict)  # what the pruned checkpoint records
     notes: list[str] = field(default_factory=list)  # one phrase per hook for the stage's result line

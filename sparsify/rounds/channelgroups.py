@@ -41,6 +41,11 @@ def channel_groups(model: nn.Module, example: torch.Tensor, pruned: list[str]) -
     except Exception as exc:  # symbolic tracing fails on data-dependent control flow: prune nothing
         why = f"the model cannot be traced with torch.fx ({type(exc).__name__}); no channel can be followed"
         return ChannelGroups(skipped=dict.fromkeys(pruned, why))
+    return groups_of_graph(model, traced, graph, pruned)
+
+
+def groups_of_graph(model: nn.Module, traced: fx.GraphModule, graph, pruned: list[str]) -> ChannelGroups:
+    """The groups of the `pruned` weights in a traced model's channel graph (`traced_graph`)."""
     graph.channel_sets()  # marks tensors used in more than one place
     modules = dict(model.named_modules())
     groups = ChannelGroups(batchnorm=batchnorm_after(traced))

@@ -6,11 +6,13 @@ from __future__ import annotations
 from sparsify.console import log
 from sparsify.core.criteria import ScoreInputs, accumulate_taylor
 from sparsify.core.masks import MaskEnforcer
-from sparsify.errors import TargetReached
+from sparsify.errors import SparsifyError, TargetReached
 from sparsify.registry import CRITERIA, PATTERNS
 from sparsify.rounds.base import PruneRound, RoundHook
-from sparsify.graph.channels import batchnorm_after
-from sparsify.rounds.channelgroups import ChannelGroups, batchnorm_scales, channel_groups, tie_masks
+from sparsify.graph.channelmacs import channel_macs
+from sparsify.graph.channels import batchnorm_after, traced_graph
+from sparsify.rounds.channelglobal import refuse_without_room
+from sparsify.rounds.channelgroups import ChannelGroups, batchnorm_scales, channel_groups, groups_of_graph, tie_masks
 from sparsify.rounds.permute import describe_permutation, permute_before_prune_
 from sparsify.rounds.regroup import describe_regroup, imp_at_target, regroup_round
 from sparsify.rounds.rewind import rewind_model_
@@ -91,7 +93,9 @@ def example_input(meta: dict, seed: int):
 
 class ChannelCoupling(RoundHook):
     """Pattern channel: producers the channel graph cannot follow are not pruned (the reason is recorded);
-    producers tied through residual adds are pruned together, by their summed scores."""
+    producers tied through residual adds are pruned together, by their summed scores. With scope global the
+    hook also builds the multiply-adds model the global ranking counts with (rounds/channelglobal.py) and
+    stops the round when no channel fits under the target."""
 
     name, meta_key = "channel", "channel_groups"
 
@@ -103,9 +107,15 @@ class ChannelCoupling(RoundHook):
         return getattr(PATTERNS.get(sparsity.pattern.type), "couples_channels", False)
 
     def before_scores(self, round_: PruneRound) -> None:
-        groups = channel_groups(round_.model, example_input(round_.parent_meta, round_.seed), list(round_.masks))
+        example = example_input(round_.parent_meta, round_.seed)
+        if round_.sparsity.scope == "global":
+            groups = self.global_groups(round_, example)
+        else:
+            groups = channel_groups(round_.model, example, list(round_.masks))
         for name in groups.skipped:
             round_.masks.pop(name, None)
+        if round_.channel_macs is not None:
+            refuse_without_room(round_.channel_macs, round_.masks, round_.sparsity.target)
         self.tied = [names for names in groups.tied if all(n in round_.masks for n in names)]
         self.before = {n: round_.masks[n].clone() for names in self.tied for n in names}
         round_.meta["channel_groups"] = groups.record()
@@ -116,7 +126,23 @@ class ChannelCoupling(RoundHook):
             round_.notes.append(f"{skipped} layer{'s' * (skipped != 1)} not pruned (the channel graph cannot "
                                 "follow them; see `sparsify report`)")
 
+    @staticmethod
+    def global_groups(round_: PruneRound, example) -> ChannelGroups:
+        """Scope global: the groups, and the multiply-adds model the ranking counts with (round_.channel_macs)."""
+        try:
+            traced, graph = traced_graph(round_.model, example)
+        except Exception as exc:
+            raise SparsifyError(f"sparsity.scope 'global' with pattern channel counts multiply-adds over the "
+                                f"model's channel graph, and torch.fx cannot trace this model ({type(exc).__name__}); "
+                                "use scope: layer") from None
+        groups = groups_of_graph(round_.model, traced, graph, list(round_.masks))
+        round_.channel_macs = channel_macs(traced, graph)
+        return groups
+
     def after_select(self, round_: PruneRound) -> None:
+        if round_.channel_macs is not None:  # the global ranking chose each tied set's channels once
+            self.before, self.tied = {}, []
+            return
         number = round_.parent_meta["round"] + 1
         taylor, scales = round_.taylor or {}, round_.channel_scales or {}
         inputs = {n: ScoreInputs(n, round_.seed, number, taylor.get(n), scales.get(n)) for n in self.before}
@@ -127,7 +153,8 @@ class ChannelCoupling(RoundHook):
         self.before, self.tied = {}, []
 
     def carry(self, parent_meta: dict, *, same_round: bool) -> dict:
-        return {"channel_groups": parent_meta["channel_groups"]} if "channel_groups" in parent_meta else {}
+        kept = ("channel_groups", "channel_macs") if same_round else ("channel_groups",)  # a new round counts anew
+        return {key: parent_meta[key] for key in kept if key in parent_meta}
 
 
 class BatchNormScales(RoundHook):

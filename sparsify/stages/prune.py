@@ -14,6 +14,7 @@ from sparsify.errors import SparsifyError, TargetReached
 from sparsify.io.sensitivity import read_curves
 from sparsify.registry import METHODS
 from sparsify.rounds.base import PruneRound
+from sparsify.rounds.channelglobal import prune_channels_global
 from sparsify.rounds.hooks import ROUND_HOOKS
 from sparsify.rounds.rewind import rewind_state
 from sparsify.stages.run import StageResult, checkpoint_loaders, opened_run, save_resolved_config, write_stage
@@ -41,9 +42,12 @@ def prune(config: RunConfig, *, show_eval: bool = False) -> StageResult:
                                  step_basis=s.step_basis, keep_rows=s.keep_rows, keep_cols=s.keep_cols,
                                  balanced=s.balanced, scope=s.scope, layer_targets=targets)
         number = loaded.checkpoint.meta["round"] + 1
-        round_.masks, round_.entries = prune_round(dict(loaded.model.named_parameters()), round_.masks, settings,
-                                                   seed=config.seed, round_=number, taylor=round_.taylor,
-                                                   channel_scales=round_.channel_scales)
+        if round_.channel_macs is not None:  # pattern channel, scope global: a share of the multiply-adds
+            round_.masks, round_.entries = prune_channels_global(round_, settings, number)
+        else:
+            round_.masks, round_.entries = prune_round(dict(loaded.model.named_parameters()), round_.masks,
+                                                       settings, seed=config.seed, round_=number,
+                                                       taylor=round_.taylor, channel_scales=round_.channel_scales)
         if sum(e.zeros_after - e.zeros_before for e in round_.entries) == 0:
             raise TargetReached(target_message(round_.entries, shown_target(s), scope=s.scope))
         for hook in hooks:
@@ -130,10 +134,13 @@ def shown_target(s) -> float | None:
 
 def refuse_at_target(masks: dict, weights: dict, pattern, s, targets: dict[str, float] | None = None) -> None:
     """TargetReached before any hook spends time (permutation search, Taylor gradients) when the
-    masks going in already hold every layer's target count (the model-wide one for scope global)."""
+    masks going in already hold every layer's target count (the model-wide one for scope global; with pattern
+    channel the channel hook checks the model's multiply-adds instead)."""
     targets = targets or dict.fromkeys(masks, s.target)
     entries = [counts_now(name, mask, tuple(weights[name].shape), pattern, target=targets[name], balanced=s.balanced)
                for name, mask in masks.items()]
+    if s.scope == "global" and pattern.global_share == "macs":
+        return  # the channel hook counts the multiply-adds left (rounds/channelglobal.py)
     if s.scope == "global":
         total = target_zero_count((1, sum(e.groups for e in entries)), s.target, False)
         room = sum(e.zeros_before for e in entries) < total
