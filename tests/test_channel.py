@@ -122,6 +122,10 @@ def test_a_pruned_channel_is_exactly_zero_after_its_batchnorm_in_eval_and_in_tra
     optimizer.step()
     enforcer.apply_()
     assert model.bn0.bias[3] == 0 and model.bn0.weight[3] == 0
+    head = torch.ones(4, 1, dtype=torch.bool)
+    head[1] = False
+    MaskEnforcer(model, {"head.weight": head}, ChannelPattern()).apply_()  # a layer's own bias goes with it
+    assert model.head.bias[1] == 0 and bool((model.head.bias[[0, 2, 3]] != 0).all())
 
 
 def test_bn_scale_ranks_channels_by_the_absolute_gamma_after_the_layer():
