@@ -11,8 +11,8 @@ that output channel plus the consumers' for that input channel, at their own spa
 
 Only sets compaction can shrink (followed, not mixed, read by some layer) have a kept count; every
 other layer keeps its channels. The counts assume that a pruned channel carries a zero, as pattern
-channel leaves it (its BatchNorm zeroed too); a producer with a bias and no BatchNorm whose constant
-meets a padded conv keeps its channel in `export --compact`, which this count does not see.
+channel leaves it (bias and BatchNorm zeroed with the weights); a channel whose constant still
+reaches a padded conv nonzero stays in `export --compact`, which this count does not see.
 """
 
 from __future__ import annotations
