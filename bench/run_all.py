@@ -18,7 +18,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = ("prune_round", "train_step", "checkpoint_io", "cli_help", "patterns_fmnist", "methods_fmnist",
               "train_throughput", "imagefolder_decode", "permutation", "ddp_scaling", "threads_load",
-              "distill_overhead", "sparse_speed", "compact_speed")
+              "distill_overhead", "sparse_speed", "compact_speed", "accuracy_fmnist")
 
 
 def run_one(name: str, repeats: int | None) -> dict:

@@ -1,0 +1,347 @@
+"""Benchmark: the accuracy levers of the shell-loop recipe on Fashion-MNIST (`small_resnet`, 8x8 blocks).
+
+Everything runs through the pipeline's stage functions (`download`, `train`, `prune`, `eval_latest`,
+`sensitivity`: what `sparsify download/train/prune/eval/sensitivity -c cfg.yaml` call) in run folders
+under a temporary directory. One dense run is made first: `download`, then `train` for
+`--dense-epochs` epochs. Every arm starts from a copy of that run folder (the bn_sensitivity arms from a
+copy that `sensitivity` scanned) and repeats the shell loop of the README,
+`while sparsify prune; do sparsify train --epochs 1; done` (8x8 blocks, variance, step 0.2 of the
+remaining blocks), until `prune` answers that the target is reached. Arms, each at 50% and 75%:
+
+  * `plain`: no lever (BatchNorm re-estimation off: `sparsity.recalibrate_bn: 0`);
+  * `bn`: BatchNorm re-estimation on `--bn-batches` training batches after each prune;
+  * `bn_distill`: `bn` + `train.distill: {teacher: dense, alpha: 0.5, temperature: 4.0}`;
+  * `bn_erk`: `bn` + `sparsity.allocation: erk`;
+  * `bn_sensitivity`: `bn` + `sparsity.allocation: sensitivity` (skipped, with the reason, when
+    `sparsify sensitivity --help` does not exit 0);
+  * `channel_l1` (50% only): `bn` with `pattern: {type: channel}` and criterion l1, the same loop.
+
+Per arm: top-1 right after each prune (and before the re-estimation), after each round's finetune,
+and final. The yardstick: the dense run trained on, one epoch per `train` call, to the same total
+number of epochs as each arm. Accuracy after each stage is on the first `--val-batches` x 64 test
+images; the final figures (arms and dense) on the first `--final-val-batches` x 64.
+
+Subsampled to fit the shared 2-core machine: an epoch is `--batches` batches of 64 (a fresh shuffle of
+the 60k training images per stage), the dense reference gets the same. SGD momentum 0.9, lr 0.05 cosine
+within each train call, weight decay 5e-4. The reference and the arms run `--jobs` at a time in worker
+processes with one torch thread each (the figures do not depend on it: every stage is seeded). Goals (reported, `pass` when all are met): top-1 right after
+every prune round with re-estimation >= 85%; final top-1 >= dense - 0.3 points at 50% and dense - 0.6
+at 75%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _benchutil import emit, progress  # noqa: E402
+
+DISTILL = {"teacher": "dense", "alpha": 0.5, "temperature": 4.0}
+ARMS = {  # name -> (lever overrides on top of the recipe, whether it re-estimates BatchNorm)
+    "plain": ({"sparsity.recalibrate_bn": 0}, False),
+    "bn": ({}, True),
+    "bn_distill": ({"train.distill": DISTILL}, True),
+    "bn_erk": ({"sparsity.allocation": "erk"}, True),
+    "bn_sensitivity": ({"sparsity.allocation": "sensitivity"}, True),
+    "channel_l1": ({"sparsity.pattern": {"type": "channel"}, "sparsity.criterion": "l1"}, True),
+}
+TARGETS = {"50": 0.5, "75": 0.75}
+CHANNEL_TARGETS = ("50",)  # the channel arm sits beside 8x8@50% only
+GOAL_AFTER_PRUNE = 85.0
+GOAL_MARGIN = {"50": 0.3, "75": 0.6}
+SENSITIVITY_LEVELS = (0.25, 0.5, 0.75, 0.9)
+
+
+def recipe_overrides(args, runs_dir: str) -> dict:
+    """The shared config: small_resnet on Fashion-MNIST, the shell-loop recipe, the subsample."""
+    return {"runs_dir": runs_dir, "device": "cpu", "seed": args.seed, "model.arch": "small_resnet",
+            "data.dataset": "fashion-mnist", "data.batch_size": 64, "data.limit_train_batches": args.batches,
+            "data.limit_val_batches": args.val_batches, "train.optimizer": "sgd", "train.lr": 0.05,
+            "train.momentum": 0.9, "train.weight_decay": 5e-4, "train.lr_schedule": "cosine",
+            "sparsity.pattern": {"type": "block", "block": [8, 8]}, "sparsity.criterion": "variance",
+            "sparsity.step": 0.2, "sparsity.target": 0.5, "sparsity.recalibrate_bn": args.bn_batches}
+
+
+def make_config(base: dict, name: str, extra: dict | None = None):
+    from sparsify.config import load_config
+
+    values = {**base, "name": name, **(extra or {})}
+    return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in values.items()])
+
+
+def sensitivity_command_exists() -> tuple[bool, str]:
+    """Whether `sparsify sensitivity --help` exits 0 (the allocation's scan is there)."""
+    proc = subprocess.run([sys.executable, "-m", "sparsify", "sensitivity", "--help"], capture_output=True, text=True)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()
+    return proc.returncode == 0, (tail[-1] if tail else f"exit status {proc.returncode}")
+
+
+def final_top1(config, val_batches: int) -> float:
+    """Top-1 of the run's latest checkpoint on the first `val_batches` test batches (`sparsify eval`)."""
+    from sparsify.stages import eval_latest
+
+    wider = config.model_copy(update={"data": config.data.model_copy(update={"limit_val_batches": val_batches})})
+    return round(eval_latest(wider).metrics["val_acc1"], 2)
+
+
+def make_dense(base: dict, args, name: str, extra: dict) -> dict:
+    """download + dense training; the dense run's figures. A run records its pattern, so the channel arm
+    gets its own dense run (same seed and budget: the same model)."""
+    from sparsify.stages import download, train
+
+    started = time.perf_counter()
+    config = make_config(base, name, extra)
+    download(config)
+    progress(f"{name}: {args.dense_epochs} epoch(s) of {args.batches} batches")
+    trained = train(config, epochs=args.dense_epochs)
+    dense = {"epochs": args.dense_epochs, "acc1": round(trained.metrics["val_acc1"], 2),
+             "acc1_final_val": final_top1(config, args.final_val_batches)}
+    dense["seconds"] = round(time.perf_counter() - started, 1)
+    return dense
+
+
+def scan_dense(root: str, base: dict, args) -> dict:
+    """`sparsify sensitivity` on a copy of the dense run (`dense-sensitivity`, where the bn_sensitivity arms start)."""
+    from sparsify.stages.sensitivity import ScanSettings, sensitivity
+    from sparsify.threads import apply_threads
+
+    apply_threads("auto")
+    started = time.perf_counter()
+    config = branch(root, base, "dense-sensitivity", {})
+    progress("sensitivity scan of the dense checkpoint")
+    data = sensitivity(config, ScanSettings(levels=SENSITIVITY_LEVELS, batches=args.val_batches))
+    return {"levels": list(SENSITIVITY_LEVELS), "val_batches": args.val_batches, "layers": len(data["layers"]),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def branch(root: str, base: dict, name: str, extra: dict, dense: str = "dense"):
+    """A copy of the dense run folder `dense` under `name`, and its config."""
+    shutil.copytree(os.path.join(root, dense), os.path.join(root, name))
+    return make_config(base, name, extra)
+
+
+def prune_and_measure(config, bn: bool) -> dict | None:
+    """One `sparsify prune` (None once the target is reached) and top-1 right after it."""
+    from sparsify.errors import TargetReached
+    from sparsify.io.checkpoint import decode_metadata, read_metadata
+    from sparsify.stages import eval_latest, prune
+
+    try:
+        result = prune(config, show_eval=bn)
+    except TargetReached:
+        return None
+    row = {"round": result.round, "sparsity": round(result.sparsity, 4)}
+    if bn:
+        recal = decode_metadata(read_metadata(result.checkpoint), result.checkpoint).get("bn_recalibration", {})
+        row["acc1_before_bn"] = round(recal["val_acc1_before"], 2)
+        row["acc1_after_prune"] = round(recal["val_acc1_after"], 2)
+    else:
+        row["acc1_after_prune"] = round(eval_latest(config).metrics["val_acc1"], 2)
+    return row
+
+
+def run_arm(root: str, base: dict, args, name: str, target: str) -> dict:
+    """The shell loop on a copy of the dense run until prune reports the target reached."""
+    from sparsify.stages import train
+    from sparsify.threads import apply_threads
+
+    apply_threads("auto")
+    overrides, bn = ARMS[name]
+    started = time.perf_counter()
+    dense, own_dense = "dense", {}
+    if "sparsity.pattern" in overrides:  # a run records its pattern: the channel arm needs its own dense run
+        dense = "dense-channel"
+        own_dense = {"own_dense_run": make_dense(base, args, dense, overrides)}
+    elif overrides.get("sparsity.allocation") == "sensitivity":
+        dense = "dense-sensitivity"  # scanned by scan_dense before this arm starts
+    config = branch(root, base, f"{name}-{target}", {**overrides, "sparsity.target": TARGETS[target]}, dense)
+    rounds = []
+    while len(rounds) < args.max_rounds:
+        row = prune_and_measure(config, bn)
+        if row is None:
+            break
+        row["acc1_after_finetune"] = round(train(config, epochs=1).metrics["val_acc1"], 2)
+        progress(f"{name}@{target}: {row}")
+        rounds.append(row)
+    result = {"rounds": rounds, "epochs": args.dense_epochs + len(rounds),
+              "sparsity": rounds[-1]["sparsity"] if rounds else 0.0,
+              "acc1_final": final_top1(config, args.final_val_batches),
+              **own_dense, "seconds": round(time.perf_counter() - started, 1)}
+    if not args.keep:
+        shutil.rmtree(config.run_dir)
+    return result
+
+
+def dense_reference(root: str, base: dict, args, upto: int, done: dict | None = None) -> dict:
+    """The dense run trained on, one epoch per `train` call, to `upto` epochs in all (on from `done`);
+    top-1 after every epoch, on the stage's and on the final test images."""
+    from sparsify.stages import train
+    from sparsify.threads import apply_threads
+
+    apply_threads("auto")
+    if done is None:
+        done = {"acc1_per_epoch": {}, "acc1_final": {}}
+        branch(root, base, "dense-reference", {})
+    config = make_config(base, "dense-reference")
+    for epoch in range(args.dense_epochs + len(done["acc1_per_epoch"]) + 1, upto + 1):
+        done["acc1_per_epoch"][epoch] = round(train(config, epochs=1).metrics["val_acc1"], 2)
+        done["acc1_final"][epoch] = final_top1(config, args.final_val_batches)
+        progress(f"dense reference: {epoch} epochs, top-1 {done['acc1_final'][epoch]}")
+    return done
+
+
+def run_jobs(root: str, base: dict, args, plan: list[tuple[str, str]]) -> tuple[dict, dict, dict | None]:
+    """The dense reference, the sensitivity scan and every arm, `--jobs` at a time in worker processes
+    (the bn_sensitivity arms once the scan is done); the reference is extended afterwards when an arm
+    used more epochs than it had. Returns (arms, reference, scan)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    order = sorted(plan, key=lambda arm: -TARGETS[arm[1]])  # the long 75% arms first
+    later = [arm for arm in order if arm[0] == "bn_sensitivity"]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        scan = pool.submit(scan_dense, root, base, args) if later else None
+        reference = pool.submit(dense_reference, root, base, args, args.dense_epochs + args.reference_rounds)
+        futures = {f"{name}@{target}": pool.submit(run_arm, root, base, args, name, target)
+                   for name, target in order if (name, target) not in later}
+        scanned = scan.result() if scan else None
+        futures.update({f"{name}@{target}": pool.submit(run_arm, root, base, args, name, target)
+                        for name, target in later})
+        arms = {f"{name}@{target}": futures[f"{name}@{target}"].result() for name, target in plan}
+        done = reference.result()
+    wanted = max([arm["epochs"] for arm in arms.values()] + [args.dense_epochs + 1])
+    return arms, dense_reference(root, base, args, wanted, done), scanned
+
+
+def goals(arms: dict, reference: dict) -> dict:
+    """The issue's goals per arm: top-1 after each prune with re-estimation, final vs the dense yardstick."""
+    after_prune, final = {}, {}
+    for key, arm in arms.items():
+        if "rounds" not in arm or not arm["rounds"]:
+            continue
+        name, target = key.rsplit("@", 1)
+        if name.startswith("channel"):
+            continue  # reported beside 8x8@50%, no goal
+        if ARMS[name][1]:
+            worst = min(r["acc1_after_prune"] for r in arm["rounds"])
+            after_prune[key] = {"lowest": worst, "goal": GOAL_AFTER_PRUNE, "by": round(worst - GOAL_AFTER_PRUNE, 2),
+                                "met": worst >= GOAL_AFTER_PRUNE}
+        dense = reference["acc1_final"].get(arm["epochs"])
+        if dense is not None:
+            gap = round(arm["acc1_final"] - dense, 2)
+            final[key] = {"final": arm["acc1_final"], "dense_same_epochs": dense, "gap": gap,
+                          "allowed": -GOAL_MARGIN[target], "by": round(gap + GOAL_MARGIN[target], 2),
+                          "met": gap >= -GOAL_MARGIN[target]}
+    return {"after_prune_with_bn_ge_85": after_prune, "final_vs_equal_budget_dense": final}
+
+
+def channel_beside_blocks(arms: dict) -> dict:
+    """Final top-1 of filter pruning at 50% of the channels and of 8x8 blocks at 50%, same recipe and budget."""
+    pairs = {key: arms[key].get("acc1_final") for key in ("channel_l1@50", "bn@50") if key in arms}
+    return pairs if len(pairs) == 2 else {}
+
+
+def checks(arms: dict) -> dict:
+    """Every 8x8 arm ends on its target sparsity (within one 8x8 block of a layer) and reached it by pruning."""
+    landed = {key: abs(arm["sparsity"] - TARGETS[key.rsplit("@", 1)[1]]) <= 0.01 for key, arm in arms.items()
+              if "rounds" in arm and not key.startswith("channel")}
+    return {"block_arms_on_target": all(landed.values()), "per_arm": landed}
+
+
+LEVERS = {"bn": ("plain", "bn"), "distill": ("bn", "bn_distill"), "erk": ("bn", "bn_erk"),
+          "sensitivity": ("bn", "bn_sensitivity")}  # lever -> (arm without it, arm with it)
+
+
+def lever_effects(arms: dict) -> dict:
+    """Per lever and target: what turning it on changed (points): the lowest top-1 right after a prune, the final."""
+    effects = {}
+    for lever, (off, on) in LEVERS.items():
+        for target in TARGETS:
+            a, b = arms.get(f"{off}@{target}", {}), arms.get(f"{on}@{target}", {})
+            if a.get("rounds") and b.get("rounds"):
+                effects[f"{lever}@{target}"] = {
+                    "lowest_after_prune": round(min(r["acc1_after_prune"] for r in b["rounds"])
+                                                - min(r["acc1_after_prune"] for r in a["rounds"]), 2),
+                    "final": round(b["acc1_final"] - a["acc1_final"], 2), "epochs": [a["epochs"], b["epochs"]]}
+    return effects
+
+
+def planned_arms(args) -> list[tuple[str, str]]:
+    """(arm, target) pairs of --arms x --targets; the channel arm only beside 8x8@50%."""
+    wanted = args.arms.split(",")
+    unknown = [a for a in wanted if a not in ARMS]
+    if unknown:
+        sys.exit(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
+    return [(name, target) for target in args.targets.split(",") for name in wanted
+            if not name.startswith("channel") or target in CHANNEL_TARGETS]
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny subsample; plain, bn_distill, channel_l1 at 50%% only")
+    p.add_argument("--dense-epochs", type=int, default=2, help="dense epochs before the first prune (default 2)")
+    p.add_argument("--batches", type=int, default=24, help="training batches of 64 per epoch (default 24)")
+    p.add_argument("--val-batches", type=int, default=8, help="test batches of 64 after each stage (default 8)")
+    p.add_argument("--final-val-batches", type=int, default=32, help="test batches of 64 for the finals (default 32)")
+    p.add_argument("--bn-batches", type=int, default=20, help="sparsity.recalibrate_bn of the bn arms (default 20)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, of 50,75")
+    p.add_argument("--max-rounds", type=int, default=30, help="safety cap on rounds per arm")
+    p.add_argument("--reference-rounds", type=int, default=7,
+                   help="epochs the dense reference trains beside the arms (more follow if an arm needs them)")
+    p.add_argument("--jobs", type=int, default=2, help="arms run at once, one process and torch thread each")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", metavar="DIR", help="make the run folders under DIR and keep them")
+    p.add_argument("--repeats", type=int, default=1, help="ignored (run_all passes it to every bench)")
+    args = p.parse_args()
+    if args.quick:
+        args.dense_epochs, args.batches, args.val_batches, args.final_val_batches = 1, 4, 2, 4
+        args.arms, args.targets, args.bn_batches = "plain,bn_distill,channel_l1", "50", 2
+        args.reference_rounds = 4
+
+    from sparsify.threads import apply_threads
+
+    threads = apply_threads("auto")  # also in every worker process
+    started = time.perf_counter()
+    sensitivity_ok, why = sensitivity_command_exists()
+    plan = planned_arms(args)
+    skipped = {}
+    if not sensitivity_ok:
+        for name, target in [a for a in plan if a[0] == "bn_sensitivity"]:
+            skipped[f"{name}@{target}"] = f"`sparsify sensitivity --help` failed: {why}"
+        plan = [a for a in plan if a[0] != "bn_sensitivity"]
+    root = args.keep or tempfile.mkdtemp(prefix="accuracy_fmnist-")
+    try:
+        base = recipe_overrides(args, root)
+        dense = make_dense(base, args, "dense", {})
+        arms, reference, scanned = run_jobs(root, base, args, plan)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    arms.update({key: {"skipped": why} for key, why in skipped.items()})
+    met = goals(arms, reference)
+    check = checks(arms)
+    all_met = all(g["met"] for group in met.values() for g in group.values())
+    emit({"benchmark": "accuracy_fmnist", "model": "small_resnet", "dataset": "fashion-mnist", "threads": threads,
+          "recipe": {"pattern": "8x8 blocks", "criterion": "variance", "step": 0.2, "lr": 0.05,
+                     "lr_schedule": "cosine per train call", "weight_decay": 5e-4, "bn_batches": args.bn_batches,
+                     "distill": DISTILL},
+          "subsample": {"batches_per_epoch": args.batches, "batch_size": 64, "dense_epochs": args.dense_epochs,
+                        "val_images": args.val_batches * 64, "final_val_images": min(args.final_val_batches * 64, 10000)},
+          "quick": args.quick, "dense": dense, "sensitivity_scan": scanned, "arms": arms, "dense_reference": reference, "goals": met,
+          "lever_effects": lever_effects(arms), "channel_vs_8x8_at_50": channel_beside_blocks(arms), "checks": check,
+          "target": "after-prune top-1 with BN >= 85%; final >= dense - 0.3 (50%), - 0.6 (75%)",
+          "pass": all_met and check["block_arms_on_target"], "wall_s": round(time.perf_counter() - started, 1)})
+
+
+if __name__ == "__main__":
+    main()
