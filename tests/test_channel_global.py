@@ -176,3 +176,40 @@ def test_scope_global_is_refused_for_block_and_with_per_layer_targets(tiny_confi
         from sparsify.core.prune import prune_round
         prune_round({"w": torch.ones(4, 2, 1, 1)}, {"w": torch.ones(4, 1, dtype=torch.bool)},
                     PruneSettings(pattern=ChannelPattern(), criterion="l1", scope="global"))
+
+
+def test_the_round_goal_follows_step_basis_and_never_passes_the_target():
+    from sparsify.rounds.channelglobal import macs_budget, macs_goal
+
+    assert macs_budget(1000, 800, 0.5) == 300 and macs_budget(1000, 400, 0.5) == -100
+    assert macs_goal(1000, 800, target=0.5, step=0.25, step_basis="remaining") == 200  # 0.25 of the 800 left
+    assert macs_goal(1000, 800, target=0.5, step=0.25, step_basis="target") == 125  # 0.25 of the 500 to remove
+    assert macs_goal(1000, 600, target=0.5, step=0.5, step_basis="remaining") == 100  # capped at the target
+
+
+def test_a_model_without_a_followed_channel_or_torch_fx_is_refused_with_one_line(tmp_path):
+    from sparsify.config import load_config
+    from sparsify.rounds.hooks import ChannelCoupling
+
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y if y.sum() > 0 else -y)
+
+    sparsity = load_config(None, ["sparsity.pattern={type: channel}", "sparsity.scope=global"]).sparsity
+
+    def round_for(model, name="a.weight"):
+        return PruneRound(model=model, pattern=ChannelPattern(), sparsity=sparsity, parent_meta={"in_channels": 2,
+                          "input_size": 4}, masks=full_masks(model, [name], ChannelPattern()), first_round=True,
+                          seed=0, train_batches=lambda: [], device=torch.device("cpu"))
+
+    with pytest.raises(SparsifyError, match="torch.fx cannot trace this model") as caught:
+        ChannelCoupling().before_scores(round_for(Branchy()))
+    assert not isinstance(caught.value, TargetReached)
+    head_only = nn.Sequential(nn.Conv2d(2, 4, 1))  # its channels are the model output
+    with pytest.raises(TargetReached, match="no layer the channel graph follows has a channel left"):
+        ChannelCoupling().before_scores(round_for(head_only, "0.weight"))

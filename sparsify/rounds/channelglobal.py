@@ -90,6 +90,9 @@ def refuse_without_room(costs: ChannelMacs, masks: dict, target: float) -> None:
     dense, now = costs.dense(), costs.total(kept)
     budget = macs_budget(dense, now, target)
     roots = [r for r, names in costs.producers.items() if all(n in masks for n in names) and kept[r] > 1]
+    if not roots:
+        raise TargetReached("nothing left to prune: no layer the channel graph follows has a channel left to "
+                            "give (see `sparsify report` for the layers it cannot follow)")
     if not any(costs.removal_cost(r, kept) <= budget for r in roots):
         raise TargetReached(f"nothing left to prune: compaction would remove {1 - now / max(dense, 1):.1%} of the "
                             f"model's multiply-adds and no channel left fits under the target ({target:.0%})")
