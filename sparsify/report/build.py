@@ -73,6 +73,7 @@ def build_report(target: Path) -> dict:
         "activations": activation_rows(meta),
         "bench": bench_summary(run.root) if run else None,  # the run's latest `sparsify bench`
         "compaction": compaction_record(ckpt) if pattern.name == "channel" else None,
+        "channel_macs": meta.get("channel_macs"),  # pattern channel, scope global: the multiply-adds target
     }
     report["outcome"] = outcome(report, run, path, meta)
     return report

@@ -235,6 +235,7 @@ def render_table(report: dict, *, width: int | None = None) -> str:
                                 width=width, left=("layer", "shape"))])
     notes = [f"constraint: {item['parameter']}: {item['note']}" for item in report["constraints"]]
     notes += compaction_lines(report.get("compaction"))
+    notes += channel_macs_lines(report.get("channel_macs"))
     notes += permutation_lines(report.get("permutation"))
     notes += bn_recalibration_lines(report.get("bn_recalibration"))
     notes += bench_lines(report.get("bench"))
@@ -292,6 +293,14 @@ def render_markdown(report: dict) -> str:
 
 
 _COMPACTION_HEAD = ["layer", "shape", "params", "multiply-adds"]
+
+
+def channel_macs_lines(record: dict | None) -> list[str]:
+    """Scope global of pattern channel: the share of multiply-adds removed against the target."""
+    if not record:
+        return []
+    return [f"scope global: {record['removed']:.1%} of the multiply-adds removed (target {record['target']:.0%}; "
+            f"{human(record['dense'])} -> {human(record['compact'])} per image)"]
 
 
 def _display_compaction(compaction: dict) -> list[list[str]]:
