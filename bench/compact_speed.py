@@ -10,8 +10,10 @@ multiply-adds and parameters left, the compact/dense time ratio and the speedup,
 compaction had to keep (with the first reason).
 
 Goal (issue "smaller dense models"): resnet50 at half its multiply-adds: compact at least 1.7x
-faster than dense at batch 32 on 2 CPU cores. `--target` is the share of channels per layer
-(`scope: layer`): about 0.3 of the channels leaves about half the multiply-adds of a ResNet.
+faster than dense at batch 32 on 2 CPU cores. By default the targets are shares of the model's
+multiply-adds (`scope: global`, one ranking of channels over the model); with `--scope layer` they
+are shares of the channels of each layer (0.3 of the channels leaves about half of a ResNet's
+multiply-adds).
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7, help="interleaved timed runs per model (default 7)")
     p.add_argument("--archs", default=",".join(ARCHS))
-    p.add_argument("--targets", default="0.3,0.5", help="shares of channels per layer (default 0.3,0.5)")
-    p.add_argument("--scope", default="layer", choices=("layer", "global"))
+    p.add_argument("--targets", default="0.5", help="shares of the multiply-adds (scope global) or of each "
+                                                    "layer's channels (scope layer) (default 0.5)")
+    p.add_argument("--scope", default="global", choices=("layer", "global"))
     p.add_argument("--batches", default="1,32")
     p.add_argument("--input-size", type=int, default=224)
     args = p.parse_args()
