@@ -288,7 +288,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: tiny subsample; plain, bn_distill, channel_l1 at 50%% only")
-    p.add_argument("--dense-epochs", type=int, default=2, help="dense epochs before the first prune (default 2)")
+    p.add_argument("--dense-epochs", type=int, default=4, help="dense epochs before the first prune (default 4)")
     p.add_argument("--batches", type=int, default=24, help="training batches of 64 per epoch (default 24)")
     p.add_argument("--val-batches", type=int, default=8, help="test batches of 64 after each stage (default 8)")
     p.add_argument("--final-val-batches", type=int, default=32, help="test batches of 64 for the finals (default 32)")
