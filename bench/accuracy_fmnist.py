@@ -24,9 +24,9 @@ images; the final figures (arms and dense) on the first `--final-val-batches` x 
 Subsampled to fit the shared 2-core machine: an epoch is `--batches` batches of 64 (a fresh shuffle of
 the 60k training images per stage), the dense reference gets the same. SGD momentum 0.9, lr 0.05 cosine
 within each train call, weight decay 5e-4. The reference and the arms run `--jobs` at a time in worker
-processes with one torch thread each (the figures do not depend on it: every stage is seeded). Goals (reported, `pass` when all are met): top-1 right after
-every prune round with re-estimation >= 85%; final top-1 >= dense - 0.3 points at 50% and dense - 0.6
-at 75%.
+processes with one torch thread each (the figures do not depend on it: every stage is seeded).
+Goals (reported, `pass` when all are met): top-1 right after every prune round with re-estimation
+>= 85%; final top-1 >= dense - 0.3 points at 50% and dense - 0.6 at 75%.
 """
 
 from __future__ import annotations
@@ -283,11 +283,12 @@ def planned_arms(args) -> list[tuple[str, str]]:
             if not name.startswith("channel") or target in CHANNEL_TARGETS]
 
 
-def main() -> None:
+def parse_args():
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny subsample; plain, bn_distill, channel_l1 at 50%% only")
+    p.add_argument("--quick", action="store_true", 
+                   help="smoke run: tiny subsample; plain, bn_distill, channel_l1 at 50%% only")
     p.add_argument("--dense-epochs", type=int, default=4, help="dense epochs before the first prune (default 4)")
     p.add_argument("--batches", type=int, default=24, help="training batches of 64 per epoch (default 24)")
     p.add_argument("--val-batches", type=int, default=8, help="test batches of 64 after each stage (default 8)")
@@ -307,7 +308,11 @@ def main() -> None:
         args.dense_epochs, args.batches, args.val_batches, args.final_val_batches = 1, 4, 2, 4
         args.arms, args.targets, args.bn_batches = "plain,bn_distill,channel_l1", "50", 2
         args.reference_rounds = 4
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     from sparsify.threads import apply_threads
 
     threads = apply_threads("auto")  # also in every worker process
@@ -328,19 +333,26 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     arms.update({key: {"skipped": why} for key, why in skipped.items()})
-    met = goals(arms, reference)
-    check = checks(arms)
+    emit(result_of(args, threads, dense, scanned, arms, reference, started))
+
+
+def result_of(args, threads: int, dense: dict, scanned: dict | None, arms: dict, reference: dict,
+              started: float) -> dict:
+    """The JSON the script prints: settings, the runs' figures, goals, lever effects, checks."""
+    met, check = goals(arms, reference), checks(arms)
     all_met = all(g["met"] for group in met.values() for g in group.values())
-    emit({"benchmark": "accuracy_fmnist", "model": "small_resnet", "dataset": "fashion-mnist", "threads": threads,
-          "recipe": {"pattern": "8x8 blocks", "criterion": "variance", "step": 0.2, "lr": 0.05,
-                     "lr_schedule": "cosine per train call", "weight_decay": 5e-4, "bn_batches": args.bn_batches,
-                     "distill": DISTILL},
-          "subsample": {"batches_per_epoch": args.batches, "batch_size": 64, "dense_epochs": args.dense_epochs,
-                        "val_images": args.val_batches * 64, "final_val_images": min(args.final_val_batches * 64, 10000)},
-          "quick": args.quick, "dense": dense, "sensitivity_scan": scanned, "arms": arms, "dense_reference": reference, "goals": met,
-          "lever_effects": lever_effects(arms), "channel_vs_8x8_at_50": channel_beside_blocks(arms), "checks": check,
-          "target": "after-prune top-1 with BN >= 85%; final >= dense - 0.3 (50%), - 0.6 (75%)",
-          "pass": all_met and check["block_arms_on_target"], "wall_s": round(time.perf_counter() - started, 1)})
+    return {"benchmark": "accuracy_fmnist", "model": "small_resnet", "dataset": "fashion-mnist", "threads": threads,
+            "recipe": {"pattern": "8x8 blocks", "criterion": "variance", "step": 0.2, "lr": 0.05,
+                       "lr_schedule": "cosine per train call", "weight_decay": 5e-4, "bn_batches": args.bn_batches,
+                       "distill": DISTILL},
+            "subsample": {"batches_per_epoch": args.batches, "batch_size": 64, "dense_epochs": args.dense_epochs,
+                          "val_images": args.val_batches * 64,
+                          "final_val_images": min(args.final_val_batches * 64, 10000)},
+            "quick": args.quick, "dense": dense, "sensitivity_scan": scanned, "arms": arms,
+            "dense_reference": reference, "goals": met, "lever_effects": lever_effects(arms),
+            "channel_vs_8x8_at_50": channel_beside_blocks(arms), "checks": check,
+            "target": "after-prune top-1 with BN >= 85%; final >= dense - 0.3 (50%), - 0.6 (75%)",
+            "pass": all_met and check["block_arms_on_target"], "wall_s": round(time.perf_counter() - started, 1)}
 
 
 if __name__ == "__main__":
