@@ -185,3 +185,57 @@ def test_bench_times_the_compact_model_and_report_shows_the_compaction(tiny_conf
     assert code == 0, err
     assert "compaction (export --compact)" in out and "layer1.0.conv1" in out
     assert f"{compaction['removed_channels']} channels removed" in out.replace("\n", " ")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow),
+                                  pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+                                  pytest.param("convnext_tiny", marks=pytest.mark.slow),
+                                  pytest.param("densenet121", marks=pytest.mark.slow)])
+def test_pattern_channel_through_the_pipeline_compacts_torchvision_models(arch, tmp_path):
+    """download -> prune (pattern channel, 40% per layer, l1) -> export --compact: the compact model computes
+    what the pruned checkpoint computes, and is smaller."""
+    from sparsify.config import load_config
+    from sparsify.io.checkpoint import load_checkpoint
+    from sparsify.io.export import export_checkpoint
+    from sparsify.io.restore import rebuild
+    from sparsify.io.rundir import RunDir
+    from sparsify.runtime import load_compact
+    from sparsify.stages import download, prune
+
+    config = load_config(None, [f"name={arch}", f"runs_dir={tmp_path}", "device=cpu", f"model.arch={arch}",
+                                "model.weights=null", "model.num_classes=10", "model.input_size=32",
+                                "data.dataset=fake", "data.fake_samples=4", "data.batch_size=2",
+                                'sparsity.pattern={"type": "channel"}', "sparsity.criterion=l1", "sparsity.step=1.0",
+                                "sparsity.target=0.4", "sparsity.recalibrate_bn=0",  # statistics of 4 fake images: ill-conditioned
+                                f"sparsity.include_linear={arch == 'convnext_tiny'}"])  # its MLPs are Linear
+    download(config)
+    prune(config)
+    run = RunDir(config.run_dir)
+    path = export_checkpoint(run, fmt="safetensors", compact=True)
+    masked = rebuild(load_checkpoint(run.latest())).model.eval()
+    compact = load_compact(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = masked(x)
+        assert torch.allclose(compact(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert sum(p.numel() for p in compact.parameters()) < 0.8 * sum(p.numel() for p in masked.parameters())
+
+
+def test_an_ill_conditioned_float32_model_is_judged_again_in_float64():
+    """8192x - (1 - 2^-13) * 8192x = x exactly, but float32 rounds the large terms: past 1e-4 of the
+    output. In float64 the one-layer equivalent is exact, so the check passes; a real change still fails."""
+    from sparsify.graph.compact import TOLERANCE, check_outputs, relative_error
+
+    masked = nn.Sequential(nn.Linear(1, 2, bias=False), nn.Linear(2, 1, bias=False))
+    compact = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        masked[0].weight.fill_(8192.0)
+        masked[1].weight.copy_(torch.tensor([[1.0, -(1 - 2.0 ** -13)]]))
+        compact.weight.fill_(1.0)
+    x = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+    assert relative_error(masked, compact, x) > TOLERANCE  # float32 alone would refuse it
+    check_outputs(masked, compact, x)
+    with torch.no_grad():
+        compact.weight.fill_(1.001)
+    with pytest.raises(ValueError, match="float64"):
+        check_outputs(masked, compact, x)
