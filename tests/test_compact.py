@@ -239,3 +239,22 @@ def test_an_ill_conditioned_float32_model_is_judged_again_in_float64():
         compact.weight.fill_(1.001)
     with pytest.raises(ValueError, match="float64"):
         check_outputs(masked, compact, x)
+
+
+class InputResidual(nn.Module):
+    """x + conv(x): the conv's channels join the model input's, which compaction cannot follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 2, 1), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.head((x + self.conv(x)).mean((2, 3)))
+
+
+def test_a_set_joined_to_the_model_input_is_kept_with_its_reason():
+    model = InputResidual().eval()
+    with torch.no_grad():
+        model.conv.weight[1] = 0
+    result = compact_model(model, example())
+    assert result.removed == 0 and result.sets[0].kept_zero == 1 and "model input" in result.sets[0].reason

@@ -102,16 +102,14 @@ def plan_set(graph: ChannelGraph, root: int, modules: dict, constants: dict, rea
                  and is_producer(modules.get(n[: -len(".weight")], nn.Identity()))]
     if not producers or not s.consumers:
         return None, None, []
-    plan = SetPlan(producers, s.size)
-    zero = torch.ones(s.size, dtype=torch.bool)
-    for name in producers:
-        weight = get_tensor(modules[""], name)
-        zero &= weight.detach().reshape(weight.shape[0], -1).eq(0).all(1).cpu()
-    if s.problem or s.mixing:
-        plan.kept_zero = int(zero.sum())
+    rows = [zero_rows(get_tensor(modules[""], name)) for name in producers]
+    plan = SetPlan(producers, len(rows[0]))
+    if s.problem or s.mixing:  # a set with a problem may join channel axes of different sizes
+        plan.kept_zero = max(int(r.sum()) for r in rows)
         plan.reason = f"the channel graph cannot follow this set: {s.problem}" if s.problem else \
             f"its channels cannot be removed one by one: {s.mixing}"
         return plan, None, []
+    zero = torch.stack(rows).all(0)
     removable, why = zero.clone(), ""
     for consumer, node in readers:
         value = constants.get(node)
@@ -133,7 +131,7 @@ def plan_set(graph: ChannelGraph, root: int, modules: dict, constants: dict, rea
     plan.removed = removable.nonzero().flatten().tolist()
     plan.kept_zero = int((zero & ~removable).sum())
     plan.reason = why if plan.kept_zero else ""
-    folds, folded = [], torch.zeros(s.size, dtype=torch.bool)
+    folds, folded = [], torch.zeros(len(zero), dtype=torch.bool)
     for consumer, node in readers:
         nonzero = removable & constants[node].ne(0)
         folded |= nonzero
@@ -142,6 +140,11 @@ def plan_set(graph: ChannelGraph, root: int, modules: dict, constants: dict, rea
     plan.folded = int(folded.sum())
     keep = (~removable).nonzero().flatten()
     return plan, keep, folds
+
+
+def zero_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Output channels whose weights are all zero."""
+    return weight.detach().reshape(weight.shape[0], -1).eq(0).all(1).cpu()
 
 
 def moved_tensors(model: nn.Module, moves: list[tuple[str, int]]) -> list[str]:
@@ -238,8 +241,7 @@ def node_constant(node: fx.Node, modules: dict, constants: dict, size: int) -> t
 def module_constant(module: nn.Module, value: torch.Tensor | None) -> torch.Tensor | None:
     """A module's output constant per channel for a constant input (None: varies)."""
     if is_producer(module):
-        weight = module.weight.detach()
-        zero = weight.reshape(weight.shape[0], -1).eq(0).all(1).cpu()
+        zero = zero_rows(module.weight)
         bias = module.bias.detach().double().cpu() if module.bias is not None else torch.zeros(len(zero))
         return bias.where(zero, math.nan)
     if value is None:
