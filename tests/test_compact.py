@@ -258,3 +258,24 @@ def test_a_set_joined_to_the_model_input_is_kept_with_its_reason():
         model.conv.weight[1] = 0
     result = compact_model(model, example())
     assert result.removed == 0 and result.sets[0].kept_zero == 1 and "model input" in result.sets[0].reason
+
+
+class TokensMlp(nn.Module):
+    """A reshape the channel graph does not follow, then an MLP over the last axis (as in a vision transformer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 6), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = x.reshape(x.shape[0], -1, 8)
+        return self.head((tokens + self.fc2(torch.nn.functional.gelu(self.fc1(tokens)))).mean(1))
+
+
+def test_an_mlp_after_an_op_the_graph_loses_still_compacts():
+    model = TokensMlp().eval()
+    with torch.no_grad():
+        model.fc1.weight[:3] = 0
+        model.fc1.bias[:3] = 0
+    result = compact_model(model, example(size=4))
+    assert result.removed == 3 and result.model.fc1.out_features == 3 and result.model.fc2.in_features == 3
