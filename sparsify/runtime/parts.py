@@ -120,8 +120,11 @@ class PartsRunner:
         step = self.chunk(im2col, n, threads)
         starts = range(0, n if self.parts else 0, step)
 
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # thread-local in torch
+
         def run_chunk(start: int) -> None:
-            self.run_chunk(images[start:start + step], out[start:start + step], im2col, index)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                self.run_chunk(images[start:start + step], out[start:start + step], im2col, index)
 
         if threads > 1 and len(starts) > 1:
             list(chunk_pool(threads).map(run_chunk, starts))
