@@ -28,6 +28,13 @@ def parser(description: str, default_repeats: int) -> argparse.ArgumentParser:
     return p
 
 
+def bench_threads():
+    """Apply torch's CPU threads: BENCH_THREADS=N forces N, else sparsify's automatic choice; returns the count."""
+    from sparsify.threads import apply_threads
+
+    return apply_threads(int(os.environ.get("BENCH_THREADS", "0")) or "auto")
+
+
 def timed(func: Callable, *args, **kwargs) -> tuple[float, object]:
     """Seconds taken by one call and its result."""
     start = time.perf_counter()

@@ -24,7 +24,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchutil import emit, progress  # noqa: E402
+from _benchutil import bench_threads, emit, progress  # noqa: E402
 
 ARCHS = ("resnet50", "mobilenet_v2")
 GOAL_SPEEDUP = 1.7
@@ -93,9 +93,7 @@ def main() -> None:
 
     import torch
 
-    from sparsify.threads import apply_threads
-
-    threads = apply_threads(int(os.environ.get("BENCH_THREADS", "0")) or "auto")
+    threads = bench_threads()
     batches = tuple(int(b) for b in args.batches.split(","))
     figures: dict = {}
     with tempfile.TemporaryDirectory() as runs_dir:

@@ -23,7 +23,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchutil import emit, progress  # noqa: E402
+from _benchutil import bench_threads, emit, progress  # noqa: E402
 
 CASES = {  # name -> sparsity section
     "8x8@50": {"pattern": {"type": "block", "block": [8, 8]}, "target": 0.5},
@@ -101,9 +101,8 @@ def main() -> None:
     import torch
 
     from sparsify.stages.bench import BenchSettings, bench
-    from sparsify.threads import apply_threads
 
-    threads = apply_threads(int(os.environ.get("BENCH_THREADS", "0")) or "auto")
+    threads = bench_threads()
     batches = tuple(int(b) for b in args.batches.split(","))
     figures: dict = {}
     goals: dict = {}

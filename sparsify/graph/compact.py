@@ -227,7 +227,7 @@ def node_constant(node: fx.Node, modules: dict, constants: dict, size: int) -> t
         if arg in constants:
             return constants[arg].clone()
         if arg.op == "get_attr":
-            tensor = fetch_attr(node.graph.owning_module, arg.target).detach().double().cpu()
+            tensor = get_tensor(node.graph.owning_module, arg.target).detach().double().cpu()
             return tensor.reshape(-1) if tensor.numel() == size else tensor.reshape(()) if tensor.numel() == 1 else None
         raise ValueError(f"{arg} is not a channel constant")
 
@@ -281,12 +281,6 @@ def batchnorm_constant(bn: nn.modules.batchnorm._BatchNorm, value: torch.Tensor)
 
 def any_positive(padding) -> bool:
     return any(p > 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
-
-
-def fetch_attr(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
