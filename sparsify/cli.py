@@ -210,6 +210,9 @@ def bench(
     config: ConfigOption = None,
     set_: SetOption = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (2:4 on CUDA needs one of the last two).")
+                     ] = "float32",
+    cuda_graph: Annotated[bool, typer.Option(help="Run every model as CUDA graph replays (CUDA only).")] = False,
     batch: Annotated[str, typer.Option(metavar="N,N", help="Batch sizes, comma-separated.")] = "1,32",
     runs: Annotated[int, typer.Option(min=1, max=1000, help="Interleaved timed runs per model.")] = 7,
     input_size: Annotated[Optional[int], typer.Option(
@@ -225,8 +228,9 @@ def bench(
     batches = check_batches(batch)
     resolved = load(config, with_threads(set_, threads)) if target is None or config is not None else None
     apply_threads(resolved.train.threads if resolved else thread_setting(threads or "auto"))
-    result = run_bench(target or resolved.run_dir, BenchSettings(device=device, batches=batches, runs=runs,
-                                                                 input_size=input_size))
+    settings = BenchSettings(device=device, dtype=dtype, cuda_graph=cuda_graph, batches=batches, runs=runs,
+                             input_size=input_size)
+    result = run_bench(target or resolved.run_dir, settings)
     say(render_bench(result, "json" if format_ is CheckFormat.json else "table"))
 
 

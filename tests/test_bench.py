@@ -84,3 +84,19 @@ def test_bench_refuses_bad_batch_lists_in_one_line(pruned_run, cli, batch):
     code, out, err = cli("bench", "-c", "tiny.yaml", "--batch", batch)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "--batch" in err
     assert not (pruned_run / "bench.json").exists()
+
+
+def test_bench_in_bfloat16_times_every_model_in_it_and_refuses_unknown_dtypes(pruned_run, cli, tmp_path):
+    stray = tmp_path / "stray.safetensors"
+    stray.write_bytes((pruned_run / "checkpoints" / "001-r01-pruned.safetensors").read_bytes())
+    code, out, err = cli("bench", str(stray), "--batch", "2", "--runs", "1", "--dtype", "bfloat16", "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["environment"]["dtype"] == "bfloat16"
+    assert {row["model"] for row in result["end_to_end"]} == {"dense", "masked", "calibrated"}
+    assert all(row["chosen"] == "dense" and "bfloat16 on CPU" in row["skipped"]["bsr"]
+               for row in result["layers"]), "the CPU sparse kernels multiply float32 only"
+    code, out, err = cli("bench", str(stray), "--dtype", "int4")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "dtype 'int4'" in err
+    code, out, err = cli("bench", str(stray), "--cuda-graph")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--cuda-graph needs --device cuda" in err

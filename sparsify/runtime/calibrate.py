@@ -66,11 +66,12 @@ def device_name(device: torch.device) -> str:
 
 
 def calibration_key(*, device: torch.device, input_shape: tuple[int, ...], dtype: torch.dtype,
-                    checkpoint: str = "") -> dict:
+                    checkpoint: str = "", graphs: bool = False) -> dict:
     """What a calibration depends on; a stored one is reused only when all of it matches."""
-    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "dtype": str(dtype).removeprefix("torch."), "batch": int(input_shape[0]),
-            "input": [int(s) for s in input_shape], "checkpoint": checkpoint}
+    key = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "dtype": str(dtype).removeprefix("torch."), "batch": int(input_shape[0]),
+           "input": [int(s) for s in input_shape], "checkpoint": checkpoint}
+    return {**key, "cuda_graph": True} if graphs else key
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -80,20 +81,22 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def calibrate_model(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor, *,
                     device: torch.device | str | None = None, repeats: int = 15, budget_s: float = 0.2,
-                    margin: float = 0.03, executors: list[str] | None = None, checkpoint: str = "") -> Calibration:
+                    margin: float = 0.03, executors: list[str] | None = None, checkpoint: str = "",
+                    graphs: bool = False) -> Calibration:
     """Wrap the masked layers of `model` (in place), time every executor on each at `example_input`'s shape
     (one forward pass, each layer on its real input) and keep the fastest; returns the table.
 
     `masks` are element masks keyed by parameter name (see `element_masks`); `repeats` caps the timed
     rounds per layer, `budget_s` is the time after which a layer stops at its third round, `margin` the
-    share by which an executor must beat dense to replace it; `executors` limits the candidates.
+    share by which an executor must beat dense to replace it; `executors` limits the candidates;
+    `graphs` times each candidate as a CUDA graph replay (for a model that will run in a CUDA graph).
     """
     if device is not None:
         model.to(device)
     device, dtype = model_device_dtype(model)
     example_input = example_input.to(device)
     settings = TimingSettings(budget_s=budget_s, max_repeats=max(1, repeats), min_repeats=min(3, max(1, repeats)),
-                              margin=margin)
+                              margin=margin, graphs=graphs)
     layers = wrap_layers(model, masks)
     model.eval()
     for layer in layers.values():
@@ -106,7 +109,8 @@ def calibrate_model(model: nn.Module, masks: dict[str, torch.Tensor], example_in
     finally:
         set_mode(model, "sparse")
     rows = [layer.timing or unreached(name, layer) for name, layer in layers.items()]
-    key = calibration_key(device=device, input_shape=tuple(example_input.shape), dtype=dtype, checkpoint=checkpoint)
+    key = calibration_key(device=device, input_shape=tuple(example_input.shape), dtype=dtype, checkpoint=checkpoint,
+                          graphs=graphs)
     return Calibration(key, rows, time.perf_counter() - started)
 
 

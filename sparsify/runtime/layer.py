@@ -19,6 +19,7 @@ from torch import nn
 from sparsify.errors import SparsifyError
 from sparsify.registry import EXECUTORS
 from sparsify.runtime.base import Executor, Geometry, matrix_reason
+from sparsify.runtime.graphs import graph_replays
 from sparsify.runtime.timing import TimingSettings, Timings, pick, time_candidates
 
 MODES = ("vanilla", "sparse", "test", "benchmark", "calibrate")
@@ -161,8 +162,13 @@ class SparseLayer(nn.Module):
                 timing.skipped[name] = skipped
             else:
                 runners[name], warm[name] = runner, seconds
-        timings = time_candidates({name: (lambda r=r: r.forward(x)) for name, r in runners.items()}, self.settings,
-                                  warm=warm, sync=sync, baseline="dense")
+        calls = {name: (lambda r=r: r.forward(x)) for name, r in runners.items()}
+        if self.settings.graphs and x.is_cuda:  # the model runs in a CUDA graph: time what a replay costs
+            replays, failed = graph_replays(calls, x.device)
+            if "dense" in replays:
+                calls, warm = replays, None
+                timing.skipped.update(failed)
+        timings = time_candidates(calls, self.settings, warm=warm, sync=sync, baseline="dense")
         timing.ms, timing.repeats = timings.ms, timings.repeats
         timing.skipped.update(timings.dropped)
         timing.chosen, timing.why = pick(timings.ms, self.settings.margin)
@@ -176,10 +182,18 @@ class SparseLayer(nn.Module):
         reason = self.reason(executor)
         if reason:
             return None, reason, 0.0
-        executor.prepare(self.module, self.mask)
-        out, seconds = timed(lambda: executor.forward(x), sync)
+        try:
+            executor.prepare(self.module, self.mask)
+            out, seconds = timed(lambda: executor.forward(x), sync)
+        except (RuntimeError, NotImplementedError) as exc:  # a backend that cannot run this shape or device
+            return None, f"failed on this layer: {type(exc).__name__}: {first_line(exc)}", 0.0
         problem = differs(out, ref)
         return (None, f"output differs from dense: {problem}", seconds) if problem else (executor, "", seconds)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else "(no message)"
 
 
 def timed(call, sync) -> tuple[torch.Tensor, float]:
@@ -217,6 +231,18 @@ def wrap_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, S
 def sparse_layers(model: nn.Module) -> dict[str, SparseLayer]:
     """The SparseLayers of a model, by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLayer)}
+
+
+def unwrap_dense(model: nn.Module) -> int:
+    """Put back the plain (masked) layer of every SparseLayer running dense, so that a layer calibration keeps
+    dense costs nothing over the dense model (on a GPU at small batches the wrapper's call shows); returns
+    how many were put back."""
+    modules = dict(model.named_modules())
+    dense = [(name, layer) for name, layer in sparse_layers(model).items() if layer.executor.name == "dense"]
+    for name, layer in dense:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, layer.module)
+    return len(dense)
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

@@ -18,7 +18,8 @@ from sparsify.runtime.calibrate import (
     Calibration, apply_plan, calibrate_model, calibration_key, model_device_dtype, read_calibration,
     write_calibration,
 )
-from sparsify.runtime.layer import wrap_layers
+from sparsify.runtime.graphs import GraphedModel
+from sparsify.runtime.layer import unwrap_dense, wrap_layers
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -34,29 +35,50 @@ class Deployed:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", batch: int = 1, calibrate: bool = True,
-         input_size: int | None = None, **options) -> nn.Module:
+         input_size: int | None = None, dtype: str | torch.dtype | None = None, **options) -> nn.Module:
     """The model of checkpoint `path` (or of a run folder's latest checkpoint) in eval mode, masked, each
-    pruned layer a SparseLayer running the executor calibration found fastest at `batch` x `input_size`.
+    pruned layer a SparseLayer running the executor calibration found fastest at `batch` x `input_size`;
+    a layer calibration keeps dense is the plain masked layer again (no wrapper, no cost).
 
-    `calibrate=False` runs every layer dense; other options are those of `deploy`.
+    `dtype` (float32, float16 or bfloat16; default the checkpoint's float32) casts the model; inputs
+    must then have that dtype. `calibrate=False` runs every layer dense; other options are those of
+    `deploy`.
     """
-    return deploy(path, device=device, batch=batch, calibrate=calibrate, input_size=input_size, **options).model
+    return deploy(path, device=device, batch=batch, calibrate=calibrate, input_size=input_size, dtype=dtype,
+                  **options).model
 
 
 def deploy(path: str | Path, *, device: str | torch.device = "cpu", batch: int = 1, calibrate: bool = True,
-           input_size: int | None = None, executor: str | None = None, reuse: bool = True, repeats: int = 15,
-           budget_s: float = 0.2, margin: float = 0.03, seed: int = 0) -> Deployed:
+           input_size: int | None = None, dtype: str | torch.dtype | None = None, executor: str | None = None,
+           reuse: bool = True, repeats: int = 15, budget_s: float = 0.2, margin: float = 0.03,
+           seed: int = 0, cuda_graph: bool = False) -> Deployed:
     """`load`, returning the calibration table too (`Deployed`).
 
     `executor` runs that executor wherever it applies (dense elsewhere) instead of calibrating;
     `reuse=False` times again even when the calibration file holds this key; `repeats`, `budget_s`
     and `margin` are those of `calibrate_model`; `seed` makes the random calibration input.
+    `cuda_graph` (CUDA only) times the executors as CUDA graph replays and returns the model wrapped in
+    a `GraphedModel`, which captures one graph per input shape and replays it.
     """
     if batch < 1:
         raise SparsifyError(f"batch must be at least 1, got {batch}")
-    loaded, checkpoint, store = open_checkpoint(Path(path))
     device = torch.device(device)
-    model = loaded.model.eval().to(device)
+    if cuda_graph and device.type != "cuda":
+        raise SparsifyError(f"cuda_graph needs a CUDA device, got {device}; give device='cuda' or leave cuda_graph off")
+    deployed = place(path, device=device, batch=batch, calibrate=calibrate, input_size=input_size, dtype=dtype,
+                     executor=executor, reuse=reuse, repeats=repeats, budget_s=budget_s, margin=margin, seed=seed,
+                     graphs=cuda_graph)
+    if cuda_graph:
+        deployed.model = GraphedModel(deployed.model)
+    return deployed
+
+
+def place(path, *, device: torch.device, batch: int, calibrate: bool, input_size: int | None, dtype,
+          executor: str | None, reuse: bool, repeats: int, budget_s: float, margin: float, seed: int,
+          graphs: bool) -> Deployed:
+    """`deploy` without the graph wrapper: load, cast, mask, then the forced, dense or calibrated plan."""
+    loaded, checkpoint, store = open_checkpoint(Path(path))
+    model = loaded.model.eval().to(device, model_dtype(dtype))
     masks = element_masks(loaded, model)
     if executor is not None:
         apply_plan(model, masks, forced_plan(model, masks, executor))
@@ -66,17 +88,33 @@ def deploy(path: str | Path, *, device: str | torch.device = "cpu", batch: int =
         return Deployed(model, checkpoint, None, store)
     shape = input_shape(loaded.checkpoint.meta, batch, input_size)
     key = calibration_key(device=device, input_shape=shape, dtype=model_device_dtype(model)[1],
-                          checkpoint=loaded.checkpoint.sha256)
+                          checkpoint=loaded.checkpoint.sha256, graphs=graphs)
     stored = read_calibration(store, key) if reuse else None
     if stored is not None and set(stored.plan) == set(wrap_layers(model, masks)):
         apply_plan(model, masks, stored)
+        unwrap_dense(model)
         return Deployed(model, checkpoint, stored, store)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, model_dtype(dtype))
     calibration = calibrate_model(model, masks, example, repeats=repeats, budget_s=budget_s, margin=margin,
-                                  checkpoint=loaded.checkpoint.sha256)
+                                  checkpoint=loaded.checkpoint.sha256, graphs=graphs)
     calibration.key = key
     write_calibration(store, calibration)
+    unwrap_dense(model)
     return Deployed(model, checkpoint, calibration, store)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype a model is run in: float32 (None), float16 or bfloat16, by name or as a torch.dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise SparsifyError(f"dtype {dtype!r} is not one sparsify runs models in; give one of {', '.join(DTYPES)}")
 
 
 def open_checkpoint(path: Path) -> tuple[LoadedRun, Path, Path]:

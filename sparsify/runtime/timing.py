@@ -36,6 +36,7 @@ class TimingSettings:
     warmup: int = 1
     margin: float = 0.03  # an executor replaces dense only when at least this much faster
     drop_factor: float = 1.5  # after the first timed round: a candidate this many times the fastest is dropped
+    graphs: bool = False  # on CUDA: time each candidate as a CUDA graph replay (for models run in graphs)
 
 
 @dataclass

@@ -27,7 +27,8 @@ from sparsify.io.files import atomic_write_bytes
 from sparsify.io.restore import build_model_for, load_run
 from sparsify.io.rundir import RunDir
 from sparsify.runtime.calibrate import device_name
-from sparsify.runtime.load import deploy, input_shape, open_checkpoint
+from sparsify.runtime.graphs import GraphedModel
+from sparsify.runtime.load import deploy, input_shape, model_dtype, open_checkpoint
 from sparsify.stages.costs import compaction_costs, compressed_size, layer_costs, model_costs
 from sparsify.runtime.timing import interleaved_times
 from sparsify.training.distributed import resolve_device
@@ -38,9 +39,11 @@ MODELS = ("dense", "masked", "calibrated", "compact")
 
 @dataclass(kw_only=True)
 class BenchSettings:
-    """What to measure: the device, the batch sizes, the input size and how many interleaved rounds."""
+    """What to measure: the device, the dtype, the batch sizes, the input size and how many interleaved rounds."""
 
     device: str = "cpu"
+    dtype: str = "float32"  # or float16 / bfloat16 (the semi_structured executor needs one of them on CUDA)
+    cuda_graph: bool = False  # every model run (and every executor calibrated) as CUDA graph replays
     batches: tuple[int, ...] = (1, 32)
     runs: int = 7
     input_size: int | None = None
@@ -51,6 +54,9 @@ def bench(target: Path, settings: BenchSettings) -> dict:
     """Measure the checkpoint `target` (or a run folder's latest); returns the JSON-ready result and
     writes it to the run's bench.json when the checkpoint belongs to a run folder."""
     device = resolve_device(settings.device)
+    model_dtype(settings.dtype)  # a wrong name fails here, before anything is loaded
+    if settings.cuda_graph and device.type != "cuda":
+        raise SparsifyError(f"--cuda-graph needs --device cuda, got {device}")
     loaded, checkpoint, calibration_file = open_checkpoint(Path(target))
     run = RunDir(calibration_file.parent) if (calibration_file.parent / "history.jsonl").is_file() else None
     with run.lock("bench") if run else nullcontext():
@@ -58,7 +64,7 @@ def bench(target: Path, settings: BenchSettings) -> dict:
         meta = loaded.checkpoint.meta
         dense, dense_source = dense_model(run, loaded, checkpoint)
         masked = loaded.model.eval()
-        log(f"bench: {checkpoint.name} ({meta['arch']}) on {device}, batches {list(settings.batches)}, "
+        log(f"bench: {checkpoint.name} ({meta['arch']}) on {device} in {settings.dtype}{' with CUDA graphs' if settings.cuda_graph else ''}, batches {list(settings.batches)}, "
             f"{torch.get_num_threads()} thread(s), {settings.runs} interleaved runs")
         example = torch.randn(input_shape(meta, 1, settings.input_size),
                               generator=torch.Generator().manual_seed(settings.seed))
@@ -69,7 +75,7 @@ def bench(target: Path, settings: BenchSettings) -> dict:
         result = {
             "checkpoint": str(checkpoint), "arch": meta["arch"], "round": meta.get("round"),
             "pattern": describe_pattern(meta["pattern"]) if meta.get("pattern") else None,
-            "environment": environment(device), "dense_source": dense_source,
+            "environment": {**environment(device), "dtype": settings.dtype, "cuda_graph": settings.cuda_graph}, "dense_source": dense_source,
             "input": list(example.shape[1:]), "batches": list(settings.batches),
             "costs": model_costs(masked, rows), "sizes": sizes(loaded, checkpoint),
             "end_to_end": [], "layers": [], "cost_layers": rows, "compaction": compaction,
@@ -99,16 +105,20 @@ def time_batch(checkpoint: Path, meta: dict, dense: nn.Module, masked: nn.Module
                settings: BenchSettings, compact: nn.Module | None = None) -> tuple[list[dict], object]:
     """End-to-end times of the models at `batch` (compact too when given), and the calibration the
     calibrated one runs."""
-    deployed = deploy(checkpoint, device=device, batch=batch, input_size=settings.input_size, seed=settings.seed)
+    dtype = model_dtype(settings.dtype)
+    deployed = deploy(checkpoint, device=device, batch=batch, input_size=settings.input_size, dtype=dtype,
+                      seed=settings.seed, cuda_graph=settings.cuda_graph)
     calibration = deployed.calibration
     state = "reused from " + deployed.calibration_path.name if calibration.reused else f"{calibration.seconds:.1f} s"
     log(f"bench: batch {batch}: calibration {state}; {sum(r.chosen != 'dense' for r in calibration.layers)} of "
         f"{len(calibration.layers)} pruned layers run sparse; timing the models")
     example = torch.randn(input_shape(meta, batch, settings.input_size),
-                          generator=torch.Generator().manual_seed(settings.seed)).to(device)
-    models = {"dense": dense.to(device), "masked": masked.to(device), "calibrated": deployed.model}
+                          generator=torch.Generator().manual_seed(settings.seed)).to(device, dtype)
+    models = {"dense": dense.to(device, dtype), "masked": masked.to(device, dtype), "calibrated": deployed.model}
     if compact is not None:
-        models["compact"] = compact.to(device)
+        models["compact"] = compact.to(device, dtype)
+    if settings.cuda_graph:  # (the calibrated model comes wrapped already)
+        models = {name: m if name == "calibrated" else GraphedModel(m) for name, m in models.items()}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         times = interleaved_times({name: (lambda m=m: m(example)) for name, m in models.items()},
