@@ -74,7 +74,7 @@ def one_by_one_speedups(result: dict, batch: int) -> dict:
             "best_executor_max": round(max(best), 3) if best else None}
 
 
-def summarize(result: dict, calibration_s: dict) -> dict:
+def summarize(result: dict, calibration_s: dict, checks: dict | None = None) -> dict:
     rows = {}
     for batch in result["batches"]:
         by_model = {row["model"]: row for row in result["end_to_end"] if row["batch"] == batch}
@@ -83,7 +83,8 @@ def summarize(result: dict, calibration_s: dict) -> dict:
             "calibrated_vs_dense": by_model["calibrated"]["vs_dense"],
             "speedup": round(1 / by_model["calibrated"]["vs_dense"], 3),
             "sparse_layers": sum(r["chosen"] != "dense" for r in result["layers"] if r["batch"] == batch),
-            "calibration_s": calibration_s.get(batch), "conv1x1": one_by_one_speedups(result, batch)}
+            "calibration_s": calibration_s.get(batch), "whole_model_check": (checks or {}).get(batch),
+            "conv1x1": one_by_one_speedups(result, batch)}
     return {"density": round(result["costs"]["effective_macs"] / result["costs"]["macs"], 4), **rows}
 
 
@@ -113,7 +114,7 @@ def main() -> None:
                 run_dir = make_run(runs_dir, arch, case, input_size=args.input_size)
                 progress(f"{arch} {case}: bench at batches {batches}")
                 result = bench(run_dir, BenchSettings(batches=batches, runs=args.repeats))
-                figures.setdefault(arch, {})[case] = summarize(result, calibration_seconds(run_dir))
+                figures.setdefault(arch, {})[case] = summarize(result, *calibration_seconds(run_dir))
                 progress(f"{arch} {case}: {figures[arch][case]}")
     worst = max(row["calibrated_vs_dense"] for arch in figures.values() for case in arch.values()
                 for key, row in case.items() if key.startswith("batch"))
@@ -136,13 +137,14 @@ def main() -> None:
           "figures": figures, "goals": goals, "met": all(g["met"] for g in goals.values())})
 
 
-def calibration_seconds(run_dir) -> dict:
-    """Seconds each batch size's calibration took, from the run's calibration.json."""
+def calibration_seconds(run_dir) -> tuple[dict, dict]:
+    """Seconds each batch size's calibration took, and its whole-model check, from the run's calibration.json."""
     import json
     from pathlib import Path
 
     data = json.loads((Path(run_dir) / "calibration.json").read_text())
-    return {entry["key"]["batch"]: entry["seconds"] for entry in data["entries"]}
+    return ({entry["key"]["batch"]: entry["seconds"] for entry in data["entries"]},
+            {entry["key"]["batch"]: entry.get("end_to_end") for entry in data["entries"]})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from sparsify.runtime import apply_plan, calibrate_model, deploy, load, set_mode
 from sparsify.runtime.blockgemm import BlockGemm
 from sparsify.runtime.blocks import row_groups
 from sparsify.runtime.graphs import GraphedModel
-from sparsify.runtime.layer import SparseLayer
+from sparsify.runtime.layer import LayerTiming, SparseLayer
 from sparsify.runtime.semistructured import SemiStructured
 from sparsify.runtime.timing import TimingSettings, pick, time_candidates
 
@@ -258,6 +258,36 @@ def test_calibration_keeps_only_executors_that_beat_dense_and_leaves_depthwise_d
         assert row.skipped["semi_structured"] == "needs CUDA"
     assert {name: layer.executor.name for name, layer in sparse_layers(model).items()} == calibration.plan
     assert torch.allclose(model(x), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparse_s, kept", [(0.5, True), (2.0, False)])
+def test_the_whole_model_check_keeps_a_plan_only_where_it_is_not_slower(monkeypatch, sparse_s, kept):
+    import sparsify.runtime.calibrate as calibrate
+
+    seen = {}
+
+    def whole_model_times(candidates, **settings):
+        for mode, call in candidates.items():  # both modes really run: record the executors each used
+            call()
+            seen[mode] = {name: layer.mode for name, layer in sparse_layers(model).items()}
+        return {"sparse": {"median": sparse_s}, "vanilla": {"median": 1.0}}
+
+    monkeypatch.setattr(calibrate, "interleaved_times", whole_model_times)
+    model, masks = tiny_model()
+    layers = apply_plan(model.eval(), masks, {"4": "blockgemm"})
+    rows = [LayerTiming(name, layer.kind, list(layer.weight.shape), [], 0.5, chosen=layer.executor.name)
+            for name, layer in layers.items()]
+    checked = calibrate.check_end_to_end(model, layers, rows, torch.randn(2, 3, 8, 8), rounds=3)
+    assert checked == {"sparse_ms": sparse_s * 1e3, "dense_ms": 1000.0, "ratio": sparse_s, "rounds": 3, "kept": kept}
+    assert set(seen["sparse"].values()) == {"sparse"} and set(seen["vanilla"].values()) == {"vanilla"}
+    assert layers["4"].executor.name == ("blockgemm" if kept else "dense")
+    row = next(row for row in rows if row.layer == "4")
+    assert row.chosen == layers["4"].executor.name
+    assert kept or "the whole model with the sparse plan took 2.000x the dense model: every layer dense" in row.why
+    table = calibrate.Calibration({"batch": 2}, rows, 1.0, end_to_end=checked)
+    assert calibrate.Calibration.from_json(json.loads(json.dumps(table.to_json()))).end_to_end == checked
+    all_dense = [LayerTiming("4", "", [], [], 0.5)]
+    assert calibrate.check_end_to_end(model, layers, all_dense, torch.randn(2, 3, 8, 8), rounds=3) is None
 
 
 def test_calibration_skips_an_executor_that_fails_on_a_layer_and_says_why(monkeypatch):

@@ -19,8 +19,9 @@ from torch import nn
 from sparsify.console import log
 from sparsify.errors import SparsifyError
 from sparsify.io.files import atomic_write_bytes
-from sparsify.runtime.layer import LayerTiming, SparseLayer, set_mode, wrap_layers
-from sparsify.runtime.timing import TimingSettings
+from sparsify.runtime.graphs import capture
+from sparsify.runtime.layer import LayerTiming, SparseLayer, device_sync, set_mode, wrap_layers
+from sparsify.runtime.timing import TimingSettings, interleaved_times
 
 FILE_FORMAT = 1
 
@@ -33,6 +34,7 @@ class Calibration:
     layers: list[LayerTiming] = field(default_factory=list)
     seconds: float = 0.0
     reused: bool = False  # read back from the calibration file, not timed now
+    end_to_end: dict | None = None  # the whole-model check of the plan (see `check_end_to_end`)
 
     @property
     def plan(self) -> dict[str, str]:
@@ -44,11 +46,12 @@ class Calibration:
         return [asdict(row) for row in self.layers]
 
     def to_json(self) -> dict:
-        return {"key": self.key, "seconds": round(self.seconds, 3), "layers": self.rows()}
+        return {"key": self.key, "seconds": round(self.seconds, 3), "layers": self.rows(), "end_to_end": self.end_to_end}
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
-        return cls(data["key"], [LayerTiming(**row) for row in data["layers"]], float(data["seconds"]), reused=True)
+        return cls(data["key"], [LayerTiming(**row) for row in data["layers"]], float(data["seconds"]), reused=True,
+                   end_to_end=data.get("end_to_end"))
 
 
 def device_name(device: torch.device) -> str:
@@ -82,14 +85,16 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def calibrate_model(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor, *,
                     device: torch.device | str | None = None, repeats: int = 15, budget_s: float = 0.2,
                     margin: float = 0.03, executors: list[str] | None = None, checkpoint: str = "",
-                    graphs: bool = False) -> Calibration:
+                    graphs: bool = False, check_rounds: int = 3) -> Calibration:
     """Wrap the masked layers of `model` (in place), time every executor on each at `example_input`'s shape
     (one forward pass, each layer on its real input) and keep the fastest; returns the table.
 
     `masks` are element masks keyed by parameter name (see `element_masks`); `repeats` caps the timed
     rounds per layer, `budget_s` is the time after which a layer stops at its third round, `margin` the
     share by which an executor must beat dense to replace it; `executors` limits the candidates;
-    `graphs` times each candidate as a CUDA graph replay (for a model that will run in a CUDA graph).
+    `graphs` times each candidate as a CUDA graph replay (for a model that will run in a CUDA graph);
+    `check_rounds` > 0 then times the whole model with the plan against all layers dense
+    (`check_end_to_end`) and keeps the plan only where it is not slower.
     """
     if device is not None:
         model.to(device)
@@ -111,7 +116,53 @@ def calibrate_model(model: nn.Module, masks: dict[str, torch.Tensor], example_in
     rows = [layer.timing or unreached(name, layer) for name, layer in layers.items()]
     key = calibration_key(device=device, input_shape=tuple(example_input.shape), dtype=dtype, checkpoint=checkpoint,
                           graphs=graphs)
-    return Calibration(key, rows, time.perf_counter() - started)
+    checked = check_end_to_end(model, layers, rows, example_input, rounds=check_rounds, graphs=graphs)
+    return Calibration(key, rows, time.perf_counter() - started, end_to_end=checked)
+
+
+def check_end_to_end(model: nn.Module, layers: dict[str, SparseLayer], rows: list[LayerTiming], example: torch.Tensor,
+                     *, rounds: int, graphs: bool = False) -> dict | None:
+    """Time the whole model with the calibrated plan ("sparse" mode) against every layer dense ("vanilla" mode),
+    `rounds` interleaved; where the plan is slower, every layer goes back to dense and each row says why.
+
+    Layers timed alone do not always add up: a sparse layer can leave its output in a layout the next
+    layer reads slowly, or a GPU can overlap the dense kernels better. None when no layer runs sparse.
+    """
+    if rounds < 1 or all(row.chosen == "dense" for row in rows):
+        return None
+    sync = device_sync(example.device)
+    calls = {}
+    for mode in ("sparse", "vanilla"):
+        set_mode(model, mode)
+        if graphs and example.is_cuda:
+            calls[mode] = capture(model, example, warmup=1)
+        else:
+            calls[mode] = None
+    set_mode(model, "sparse")
+    runs = {mode: (captured.graph.replay if captured is not None else mode_call(model, mode, example))
+            for mode, captured in calls.items()}
+    with torch.no_grad():
+        times = interleaved_times(runs, runs=rounds, warmup=1, min_sample_s=0.0, sync=sync)
+    set_mode(model, "sparse")
+    ratio = times["sparse"]["median"] / times["vanilla"]["median"]
+    kept = ratio <= 1.0
+    if not kept:
+        for row in rows:
+            if row.chosen != "dense":
+                row.why = (f"{row.chosen} was faster alone, but the whole model with the sparse plan took "
+                           f"{ratio:.3f}x the dense model: every layer dense")
+                row.chosen = "dense"
+                layers[row.layer].use("dense")
+    return {"sparse_ms": round(times["sparse"]["median"] * 1e3, 4), "dense_ms": round(times["vanilla"]["median"] * 1e3, 4),
+            "ratio": round(ratio, 4), "rounds": rounds, "kept": kept}
+
+
+def mode_call(model: nn.Module, mode: str, example: torch.Tensor):
+    """One eager forward pass of `model` with every SparseLayer in `mode`."""
+    def call():
+        set_mode(model, mode)
+        return model(example)
+    return call
 
 
 def unreached(name: str, layer: SparseLayer) -> LayerTiming:

@@ -110,8 +110,11 @@ def time_batch(checkpoint: Path, meta: dict, dense: nn.Module, masked: nn.Module
                       seed=settings.seed, cuda_graph=settings.cuda_graph)
     calibration = deployed.calibration
     state = "reused from " + deployed.calibration_path.name if calibration.reused else f"{calibration.seconds:.1f} s"
+    check = calibration.end_to_end
+    checked = "" if not check else (f"; whole-model check: the sparse plan {check['ratio']:.3f}x dense, "
+                                    f"{'kept' if check['kept'] else 'every layer back to dense'}")
     log(f"bench: batch {batch}: calibration {state}; {sum(r.chosen != 'dense' for r in calibration.layers)} of "
-        f"{len(calibration.layers)} pruned layers run sparse; timing the models")
+        f"{len(calibration.layers)} pruned layers run sparse{checked}; timing the models")
     example = torch.randn(input_shape(meta, batch, settings.input_size),
                           generator=torch.Generator().manual_seed(settings.seed)).to(device, dtype)
     models = {"dense": dense.to(device, dtype), "masked": masked.to(device, dtype), "calibrated": deployed.model}
