@@ -21,7 +21,10 @@ and final. The yardstick: the dense run trained on, one epoch per `train` call, 
 number of epochs as each arm. Accuracy after each stage is on the first `--val-batches` x 64 test
 images; the final figures (arms and dense) on the first `--final-val-batches` x 64.
 
-Subsampled to fit the shared 2-core machine: an epoch is `--batches` batches of 64 (a fresh shuffle of
+`--batches 0 --val-batches 0 --final-val-batches 0` is the full-data run (every training image
+each epoch, every test image); `--device cuda --jobs N` runs it on one GPU, N arms at a time.
+
+By default subsampled to fit the shared 2-core machine: an epoch is `--batches` batches of 64 (a fresh shuffle of
 the 60k training images per stage), the dense reference gets the same. SGD momentum 0.9, lr 0.05 cosine
 within each train call, weight decay 5e-4. The reference and the arms run `--jobs` at a time in worker
 processes with one torch thread each (the figures do not depend on it: every stage is seeded).
@@ -57,23 +60,31 @@ CHANNEL_TARGETS = ("50",)  # the channel arm sits beside 8x8@50% only
 GOAL_AFTER_PRUNE = 85.0
 GOAL_MARGIN = {"50": 0.3, "75": 0.6}
 SENSITIVITY_LEVELS = (0.25, 0.5, 0.75, 0.9)
+FULL_TEST_BATCHES = 157  # the 10,000 test images in batches of 64
 
 
 def recipe_overrides(args, runs_dir: str) -> dict:
     """The shared config: small_resnet on Fashion-MNIST, the shell-loop recipe, the subsample."""
-    return {"runs_dir": runs_dir, "device": "cpu", "seed": args.seed, "model.arch": "small_resnet",
-            "data.dataset": "fashion-mnist", "data.batch_size": 64, "data.limit_train_batches": args.batches,
-            "data.limit_val_batches": args.val_batches, "train.optimizer": "sgd", "train.lr": 0.05,
+    root = {"data.root": args.data_root} if args.data_root else {}
+    return {"runs_dir": runs_dir, "device": args.device, "seed": args.seed, "model.arch": "small_resnet",
+            "data.dataset": "fashion-mnist", "data.batch_size": 64, "data.limit_train_batches": limit(args.batches),
+            "data.limit_val_batches": limit(args.val_batches), "train.optimizer": "sgd", "train.lr": 0.05,
             "train.momentum": 0.9, "train.weight_decay": 5e-4, "train.lr_schedule": "cosine",
             "sparsity.pattern": {"type": "block", "block": [8, 8]}, "sparsity.criterion": "variance",
-            "sparsity.step": 0.2, "sparsity.target": 0.5, "sparsity.recalibrate_bn": args.bn_batches}
+            "sparsity.step": 0.2, "sparsity.target": 0.5, "sparsity.recalibrate_bn": args.bn_batches, **root}
+
+
+def limit(batches: int) -> int | None:
+    """A batch count from the command line: 0 means no limit (the whole split)."""
+    return batches or None
 
 
 def make_config(base: dict, name: str, extra: dict | None = None):
     from sparsify.config import load_config
 
     values = {**base, "name": name, **(extra or {})}
-    return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in values.items()])
+    return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) or v is None else v}"
+                              for k, v in values.items()])
 
 
 def sensitivity_command_exists() -> tuple[bool, str]:
@@ -99,10 +110,10 @@ def make_dense(base: dict, args, name: str, extra: dict) -> dict:
     started = time.perf_counter()
     config = make_config(base, name, extra)
     download(config)
-    progress(f"{name}: {args.dense_epochs} epoch(s) of {args.batches} batches")
+    progress(f"{name}: {args.dense_epochs} epoch(s) of {args.batches or 'all'} batches")
     trained = train(config, epochs=args.dense_epochs)
     dense = {"epochs": args.dense_epochs, "acc1": round(trained.metrics["val_acc1"], 2),
-             "acc1_final_val": final_top1(config, args.final_val_batches)}
+             "acc1_final_val": final_top1(config, limit(args.final_val_batches))}
     dense["seconds"] = round(time.perf_counter() - started, 1)
     return dense
 
@@ -116,7 +127,7 @@ def scan_dense(root: str, base: dict, args) -> dict:
     started = time.perf_counter()
     config = branch(root, base, "dense-sensitivity", {})
     progress("sensitivity scan of the dense checkpoint")
-    data = sensitivity(config, ScanSettings(levels=SENSITIVITY_LEVELS, batches=args.val_batches))
+    data = sensitivity(config, ScanSettings(levels=SENSITIVITY_LEVELS, batches=args.val_batches or FULL_TEST_BATCHES))
     return {"levels": list(SENSITIVITY_LEVELS), "val_batches": args.val_batches, "layers": len(data["layers"]),
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -172,7 +183,7 @@ def run_arm(root: str, base: dict, args, name: str, target: str) -> dict:
         rounds.append(row)
     result = {"rounds": rounds, "epochs": args.dense_epochs + len(rounds),
               "sparsity": rounds[-1]["sparsity"] if rounds else 0.0,
-              "acc1_final": final_top1(config, args.final_val_batches),
+              "acc1_final": final_top1(config, limit(args.final_val_batches)),
               **own_dense, "seconds": round(time.perf_counter() - started, 1)}
     if not args.keep:
         shutil.rmtree(config.run_dir)
@@ -192,7 +203,7 @@ def dense_reference(root: str, base: dict, args, upto: int, done: dict | None = 
     config = make_config(base, "dense-reference")
     for epoch in range(args.dense_epochs + len(done["acc1_per_epoch"]) + 1, upto + 1):
         done["acc1_per_epoch"][epoch] = round(train(config, epochs=1).metrics["val_acc1"], 2)
-        done["acc1_final"][epoch] = final_top1(config, args.final_val_batches)
+        done["acc1_final"][epoch] = final_top1(config, limit(args.final_val_batches))
         progress(f"dense reference: {epoch} epochs, top-1 {done['acc1_final'][epoch]}")
     return done
 
@@ -290,9 +301,9 @@ def parse_args():
     p.add_argument("--quick", action="store_true", 
                    help="smoke run: tiny subsample; plain, bn_distill, channel_l1 at 50%% only")
     p.add_argument("--dense-epochs", type=int, default=4, help="dense epochs before the first prune (default 4)")
-    p.add_argument("--batches", type=int, default=24, help="training batches of 64 per epoch (default 24)")
-    p.add_argument("--val-batches", type=int, default=8, help="test batches of 64 after each stage (default 8)")
-    p.add_argument("--final-val-batches", type=int, default=32, help="test batches of 64 for the finals (default 32)")
+    p.add_argument("--batches", type=int, default=24, help="training batches of 64 per epoch (default 24; 0: all 938)")
+    p.add_argument("--val-batches", type=int, default=8, help="test batches of 64 after each stage (default 8; 0: all)")
+    p.add_argument("--final-val-batches", type=int, default=32, help="test batches of 64 for the finals (default 32; 0: all)")
     p.add_argument("--bn-batches", type=int, default=20, help="sparsity.recalibrate_bn of the bn arms (default 20)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, of 50,75")
@@ -301,6 +312,8 @@ def parse_args():
                    help="epochs the dense reference trains beside the arms (more follow if an arm needs them)")
     p.add_argument("--jobs", type=int, default=2, help="arms run at once, one process and torch thread each")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (the arms' jobs share one GPU)")
+    p.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--keep", metavar="DIR", help="make the run folders under DIR and keep them")
     p.add_argument("--repeats", type=int, default=1, help="ignored (run_all passes it to every bench)")
     args = p.parse_args()
@@ -345,9 +358,11 @@ def result_of(args, threads: int, dense: dict, scanned: dict | None, arms: dict,
             "recipe": {"pattern": "8x8 blocks", "criterion": "variance", "step": 0.2, "lr": 0.05,
                        "lr_schedule": "cosine per train call", "weight_decay": 5e-4, "bn_batches": args.bn_batches,
                        "distill": DISTILL},
-            "subsample": {"batches_per_epoch": args.batches, "batch_size": 64, "dense_epochs": args.dense_epochs,
-                          "val_images": args.val_batches * 64,
-                          "final_val_images": min(args.final_val_batches * 64, 10000)},
+            "subsample": {"batches_per_epoch": args.batches or "all (938)", "batch_size": 64,
+                          "dense_epochs": args.dense_epochs,
+                          "val_images": min((args.val_batches or FULL_TEST_BATCHES) * 64, 10000),
+                          "final_val_images": min((args.final_val_batches or FULL_TEST_BATCHES) * 64, 10000)},
+            "device": args.device,
             "quick": args.quick, "dense": dense, "sensitivity_scan": scanned, "arms": arms,
             "dense_reference": reference, "goals": met, "lever_effects": lever_effects(arms),
             "channel_vs_8x8_at_50": channel_beside_blocks(arms), "checks": check,

@@ -266,13 +266,13 @@ def test_the_whole_model_check_keeps_a_plan_only_where_it_is_not_slower(monkeypa
 
     seen = {}
 
-    def whole_model_times(candidates, **settings):
-        for mode, call in candidates.items():  # both modes really run: record the executors each used
+    def whole_model_times(runs, **settings):
+        for mode, call in runs.items():  # both modes really run: record the executors each used
             call()
             seen[mode] = {name: layer.mode for name, layer in sparse_layers(model).items()}
-        return {"sparse": {"median": sparse_s}, "vanilla": {"median": 1.0}}
+        return {"sparse": sparse_s, "vanilla": 1.0}
 
-    monkeypatch.setattr(calibrate, "interleaved_times", whole_model_times)
+    monkeypatch.setattr(calibrate, "whole_model_times", whole_model_times)
     model, masks = tiny_model()
     layers = apply_plan(model.eval(), masks, {"4": "blockgemm"})
     rows = [LayerTiming(name, layer.kind, list(layer.weight.shape), [], 0.5, chosen=layer.executor.name)
@@ -288,6 +288,16 @@ def test_the_whole_model_check_keeps_a_plan_only_where_it_is_not_slower(monkeypa
     assert calibrate.Calibration.from_json(json.loads(json.dumps(table.to_json()))).end_to_end == checked
     all_dense = [LayerTiming("4", "", [], [], 0.5)]
     assert calibrate.check_end_to_end(model, layers, all_dense, torch.randn(2, 3, 8, 8), rounds=3) is None
+
+
+def test_the_whole_model_check_runs_each_model_once_per_round_alternating_and_takes_medians():
+    from sparsify.runtime.calibrate import whole_model_times
+
+    order = []
+    runs = {"sparse": lambda: order.append("sparse"), "vanilla": lambda: order.append("vanilla")}
+    times = whole_model_times(runs, rounds=3, sync=lambda: None)
+    assert order == ["sparse", "vanilla", "vanilla", "sparse", "sparse", "vanilla"]  # no warm-up call
+    assert set(times) == {"sparse", "vanilla"} and all(t >= 0 for t in times.values())
 
 
 def test_calibration_skips_an_executor_that_fails_on_a_layer_and_says_why(monkeypatch):
