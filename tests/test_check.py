@@ -9,6 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from sparsify.core.channel import ChannelPattern
+from sparsify.io.checkpoint import parse_checkpoint
+from sparsify.io.restore import build_model_for
 from sparsify.report.check import check_file
 from sparsify.cli import app
 
@@ -168,3 +171,24 @@ def test_check_2to4_says_per_layer_whether_tensorrt_can_run_it(tmp_path):
     assert lines[-2].startswith("tensorrt 2:4: 2 of 4 conv/Linear layers follow TensorRT's rule")
     unpruned = invoke("check", path, "--pattern", "8x8", "--format", "json")[1]
     assert "tensorrt" not in unpruned  # the column belongs to 2:4 only
+
+
+def test_check_of_a_channel_checkpoint_also_checks_the_bias_and_batchnorm_of_pruned_channels(tmp_path, monkeypatch):
+    path = pruned_checkpoint(tmp_path, monkeypatch, "chan", "{pattern: {type: channel}, target: 0.5, step: 0.5}")
+    result = json.loads(invoke("check", path, "--format", "json")[1])
+    assert result["follows"] and result["followers"]["checked"] >= 2, result.get("followers")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layer = next(k[5:] for k, m in tensors.items() if k.startswith("mask.") and not m.all())
+    model = build_model_for(parse_checkpoint(path).meta)
+    own_bias = layer.removesuffix("weight") + "bias"
+    shift = next(p for p in ChannelPattern().followers(model, [layer]) if p.endswith(".bias") and p != own_bias)
+    bn = f"model.{shift}"  # the shift of the BatchNorm right after the pruned conv
+    assert tensors[bn][~tensors[f"mask.{layer}"].reshape(-1)].eq(0).all()  # what prune wrote: zero
+    tensors[bn][(~tensors[f"mask.{layer}"].reshape(-1)).nonzero()[0]] = 0.25
+    altered = tmp_path / "altered.safetensors"
+    save_file(tensors, str(altered), metadata=meta)
+    code, out, err = invoke("check", altered)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"{layer} does not follow" in err and f"1 pruned output channels have a nonzero {bn[6:]}" in err

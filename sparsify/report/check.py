@@ -1,7 +1,9 @@
 """`sparsify check`: prove that a checkpoint (or any state dict) follows a sparsity pattern.
 
 A sparsify checkpoint is checked layer by layer against its masks: every masked-out weight must
-be exactly 0.0, and the weights must follow the declared pattern (its own, or `--pattern`). A
+be exactly 0.0, and the weights must follow the declared pattern (its own, or `--pattern`). For a
+pattern with followers (`channel`), the per-channel parameters a pruned channel takes with it (its
+bias, the BatchNorm scale and shift after it) must be 0.0 at the pruned channels too. A
 plain state dict (`.safetensors`, `.pth`) has no masks: every conv/Linear-shaped weight the
 pattern applies to is checked for the structure alone (for n:m, at most n nonzeros in every group
 of m input channels; blocks and single weights always form a valid layout, so for `block` and
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from sparsify.errors import SparsifyError, path_problem
-from sparsify.core.patterns import build_pattern, describe_pattern, parse_pattern
+from sparsify.core.patterns import Pattern, build_pattern, describe_pattern, parse_pattern
 from sparsify.core.tensorrt import TENSORRT_PATTERN, TENSORRT_RULE, tensorrt_2to4
 
 
@@ -36,15 +38,19 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
                             "pass --pattern (e.g. 2:4, 8x8, unstructured)")
     spec = parse_pattern(pattern) if pattern else meta["pattern"]
     declared = build_pattern(spec)
+    followers = None
     if masks:
         stored = build_pattern(meta["pattern"])
         layers = [check_masked(name, state[name], masks[name], stored, declared, meta.get("target"))
                   for name in masks]
+        followers = check_followers_(layers, state, masks, stored, meta)
         skipped = [{"parameter": n, "reason": "no mask (not pruned)"} for n in weight_names(state) if n not in masks]
     else:  # a plain state dict, or a checkpoint not pruned yet (its metadata names the pattern): by shape
         layers, skipped = check_plain(state, declared)
     result = verdict(path, spec, layers, skipped, kind="checkpoint" if meta else "state dict")
     result["pruned"] = bool(masks)
+    if followers is not None:
+        result["followers"] = followers
     if declared.describe() == TENSORRT_PATTERN:
         result["tensorrt"] = tensorrt_verdicts_(state, layers, skipped)
     return result
@@ -97,6 +103,38 @@ def check_masked(name: str, weight: torch.Tensor, mask: torch.Tensor, stored, de
             problems.append(f"{leaked} masked weights are not 0.0")
     problems += structure_problems(declared, weight)
     return finding(name, weight, problems, target=target)
+
+
+def check_followers_(layers: list[dict], state: dict, masks: dict, stored, meta: dict) -> dict | None:
+    """Patterns whose pruned output channels take per-channel parameters with them (`Pattern.followers`:
+    pattern channel's own bias and the BatchNorm scale and shift after it): each such parameter must be
+    0.0 at the pruned channels. Adds a problem to the layer where one is not; returns what was checked
+    (None for patterns without followers)."""
+    if type(stored).followers is Pattern.followers:
+        return None
+    from sparsify.io.restore import build_model_for
+
+    try:
+        model = build_model_for(meta)
+    except (SparsifyError, ImportError, RuntimeError, ValueError, KeyError) as exc:
+        return {"checked": 0, "reason": f"not checked: the model could not be built ({exc})"}
+    followers = stored.followers(model, list(masks))
+    by_layer = {layer["parameter"]: layer for layer in layers}
+    checked = 0
+    for param, owner in sorted(followers.items()):
+        if param not in state or owner not in masks:
+            continue
+        pruned = ~masks[owner].reshape(-1)
+        values = state[param].reshape(-1)
+        if values.numel() != pruned.numel():
+            continue
+        checked += 1
+        leaked = int(values[pruned].ne(0).sum())
+        if leaked:
+            layer = by_layer[owner]
+            layer["problems"].append(f"{leaked} pruned output channels have a nonzero {param}")
+            layer["follows"] = False
+    return {"checked": checked, "reason": ""}
 
 
 def check_plain(state: dict, declared) -> tuple[list[dict], list[dict]]:
@@ -165,6 +203,10 @@ def render(result: dict, fmt: str) -> str:
                      f"{_target_text(layer['target'])} {state}{_tensorrt_text(layer)}")
     for item in result["skipped"]:
         lines.append(f"  {item['parameter']}: not checked ({item['reason']}){_tensorrt_text(item)}")
+    if result.get("followers"):
+        followers = result["followers"]
+        lines.append(f"followers: {followers['checked']} bias/BatchNorm tensors of pruned channels checked"
+                     + (f" ({followers['reason']})" if followers["reason"] else ""))
     if "tensorrt" in result:
         trt = result["tensorrt"]
         lines.append(f"tensorrt 2:4: {trt['accelerable']} of {trt['layers']} conv/Linear layers follow TensorRT's rule "
