@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _benchutil import bench_threads, emit, progress  # noqa: E402
 from sparse_speed import make_run  # noqa: E402
 
+from sparsify.errors import first_line  # noqa: E402
+
 ARCHS = ("convnext_tiny", "vit_b_16", "resnet50")
 GOAL_ARCHS = ("convnext_tiny", "vit_b_16")
 GOAL_SPEEDUP = 1.2
@@ -106,7 +108,7 @@ def layer_speedups(model, example, *, rounds: int, iterations: int) -> list[dict
         try:
             probe.prepare(layer.module, layer.mask)
         except (RuntimeError, NotImplementedError) as exc:
-            rows.append({**row, "failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            rows.append({**row, "failed": f"{type(exc).__name__}: {first_line(exc)[:200]}"})
             continue
         x = inputs[name]
         calls = {"dense": lambda: layer.dense.forward(x), "semi_structured": lambda: probe.forward(x)}
@@ -227,7 +229,7 @@ def main() -> None:
                     figure["layers_alone"] = totals(rows)
                     figure["layer_rows"] = rows
                 except (RuntimeError, NotImplementedError) as exc:  # keep the end-to-end figures
-                    figure["layers_alone_failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                    figure["layers_alone_failed"] = f"{type(exc).__name__}: {first_line(exc)[:300]}"
                 del model, example
                 torch.cuda.empty_cache()
             result["figures"][arch] = figure

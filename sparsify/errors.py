@@ -37,6 +37,12 @@ def original_message(text: str, kind: type) -> str:
     return lines[-1]
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception message (or its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def path_problem(path: str | os.PathLike) -> str:
     """Why `path` cannot be read as a file: 'does not exist', 'is a folder, not a file', ..."""
     if os.path.isdir(path):

@@ -135,8 +135,8 @@ class ChannelGraph:
             # the input's channel axis is unknown here (it came through an op the graph does not follow):
             # that set is blocked, but the layer's own output channels start a set of their own
             self.poison(node, f"its channels reach {name} on an axis the graph lost")
-            return self.produce(node, name, shape[ndim - 1 if isinstance(module, nn.Linear) else 1],
-                                axis=ndim - 1 if isinstance(module, nn.Linear) else 1)
+            out_axis = ndim - 1 if isinstance(module, nn.Linear) else 1
+            return self.produce(node, name, shape[out_axis], axis=out_axis)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and axis == 1:
             self.same(node, source)
             self.move_params(node, name, module, ("weight", "bias", "running_mean", "running_var"))

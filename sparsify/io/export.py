@@ -97,7 +97,7 @@ def safetensors_bytes(ckpt, *, compact: bool = False) -> bytes:
 
 def compacted(ckpt):
     """(the masked model, its Compaction) of a checkpoint, outputs checked; one line on the log."""
-    from sparsify.graph.compact import TOLERANCE, compact_model
+    from sparsify.graph.compact import EXACT_FLOAT64, TOLERANCE, compact_model
     from sparsify.io.onnx_check import random_batch
     from sparsify.io.restore import rebuild
 
@@ -117,7 +117,7 @@ def compacted(ckpt):
     after = sum(p.numel() for p in result.model.parameters())
     log(f"compact: {result.removed} channels removed, parameters {before:,} -> {after:,} "
         f"({after / before:.1%}); outputs match the masked model's (within {TOLERANCE:.0e} relative in float32, "
-        "or exact to 1e-9 in float64)")
+        f"or exact to {EXACT_FLOAT64:.0e} in float64)")
     return model, result
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparsify.errors import ModelError
+from sparsify.errors import ModelError, first_line
 
 # torchvision models with auxiliary heads (trained with them, evaluated on the main head):
 # the heads and the Linear classifier inside each, replaced with the main one.
@@ -196,12 +196,6 @@ def fetch_state_dict(arch: str, weights) -> dict[str, torch.Tensor]:
             f"cannot download {arch} weights {weights._name_} from {weights.url} "
             f"({first_line(exc)}); without network, copy that file to {target}"
         ) from None
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception message (or its type when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def rename_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

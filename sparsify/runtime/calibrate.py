@@ -132,19 +132,15 @@ def check_end_to_end(model: nn.Module, layers: dict[str, SparseLayer], rows: lis
     """
     if rounds < 1 or all(row.chosen == "dense" for row in rows):
         return None
-    sync = device_sync(example.device)
-    calls = {}
+    runs = {}
     for mode in ("sparse", "vanilla"):
-        set_mode(model, mode)
-        if graphs and example.is_cuda:
-            calls[mode] = capture(model, example, warmup=1)
+        if graphs and example.is_cuda:  # each mode's kernels recorded once, replayed when timed
+            set_mode(model, mode)
+            runs[mode] = capture(model, example, warmup=1).graph.replay
         else:
-            calls[mode] = None
-    set_mode(model, "sparse")
-    runs = {mode: (captured.graph.replay if captured is not None else mode_call(model, mode, example))
-            for mode, captured in calls.items()}
+            runs[mode] = mode_call(model, mode, example)
     with torch.no_grad():  # (calibration has just run every layer: no warm-up)
-        times = whole_model_times(runs, rounds=rounds, sync=sync)
+        times = whole_model_times(runs, rounds=rounds, sync=device_sync(example.device))
     set_mode(model, "sparse")
     ratio = times["sparse"] / times["vanilla"]
     kept = ratio <= 1.0

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, first_line
 
 WARMUP = 3  # eager calls on a side stream before capture (lazy initialisation must not land in the graph)
 
@@ -78,7 +78,7 @@ def graph_replays(calls: dict[str, Callable[[], torch.Tensor]], device: torch.de
         try:
             entry = capture(lambda _unused, call=call: call(), torch.empty(0, device=device), warmup=1)
         except (RuntimeError, NotImplementedError) as exc:
-            failed[name] = f"cannot be captured in a CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            failed[name] = f"cannot be captured in a CUDA graph: {type(exc).__name__}: {first_line(exc)[:160]}"
             continue
         replays[name] = entry.graph.replay
     return replays, failed

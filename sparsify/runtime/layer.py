@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, first_line
 from sparsify.registry import EXECUTORS
 from sparsify.runtime.base import Executor, Geometry, matrix_reason
 from sparsify.runtime.graphs import graph_replays
@@ -186,14 +186,9 @@ class SparseLayer(nn.Module):
             executor.prepare(self.module, self.mask)
             out, seconds = timed(lambda: executor.forward(x), sync)
         except (RuntimeError, NotImplementedError) as exc:  # a backend that cannot run this shape or device
-            return None, f"failed on this layer: {type(exc).__name__}: {first_line(exc)}", 0.0
+            return None, f"failed on this layer: {type(exc).__name__}: {first_line(exc)[:200]}", 0.0
         problem = differs(out, ref)
         return (None, f"output differs from dense: {problem}", seconds) if problem else (executor, "", seconds)
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:limit] if text else "(no message)"
 
 
 def timed(call, sync) -> tuple[torch.Tensor, float]:
@@ -233,16 +228,14 @@ def sparse_layers(model: nn.Module) -> dict[str, SparseLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLayer)}
 
 
-def unwrap_dense(model: nn.Module) -> int:
+def unwrap_dense(model: nn.Module) -> None:
     """Put back the plain (masked) layer of every SparseLayer running dense, so that a layer calibration keeps
-    dense costs nothing over the dense model (on a GPU at small batches the wrapper's call shows); returns
-    how many were put back."""
+    dense costs nothing over the dense model (on a GPU at small batches the wrapper's call shows)."""
     modules = dict(model.named_modules())
-    dense = [(name, layer) for name, layer in sparse_layers(model).items() if layer.executor.name == "dense"]
-    for name, layer in dense:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, layer.module)
-    return len(dense)
+    for name, layer in sparse_layers(model).items():
+        if layer.executor.name == "dense":
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent] if parent else model, child, layer.module)
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

@@ -79,8 +79,7 @@ class SemiStructured(Executor):
     def prepare(self, module: nn.Module, mask: torch.Tensor) -> None:
         self.geometry = Geometry.of(module)
         weights = weight_matrix(module) * mask.reshape(mask.shape[0], -1).to(module.weight.device, module.weight.dtype)
-        self.backend = backend()
-        self.weight = self.backend.from_dense(weights.contiguous())
+        self.weight = backend().from_dense(weights.contiguous())
         self.bias = None if module.bias is None else module.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -64,8 +64,9 @@ def bench(target: Path, settings: BenchSettings) -> dict:
         meta = loaded.checkpoint.meta
         dense, dense_source = dense_model(run, loaded, checkpoint)
         masked = loaded.model.eval()
-        log(f"bench: {checkpoint.name} ({meta['arch']}) on {device} in {settings.dtype}{' with CUDA graphs' if settings.cuda_graph else ''}, batches {list(settings.batches)}, "
-            f"{torch.get_num_threads()} thread(s), {settings.runs} interleaved runs")
+        graphs = " with CUDA graphs" if settings.cuda_graph else ""
+        log(f"bench: {checkpoint.name} ({meta['arch']}) on {device} in {settings.dtype}{graphs}, "
+            f"batches {list(settings.batches)}, {torch.get_num_threads()} thread(s), {settings.runs} interleaved runs")
         example = torch.randn(input_shape(meta, 1, settings.input_size),
                               generator=torch.Generator().manual_seed(settings.seed))
         rows = layer_costs(masked, example)
@@ -75,7 +76,8 @@ def bench(target: Path, settings: BenchSettings) -> dict:
         result = {
             "checkpoint": str(checkpoint), "arch": meta["arch"], "round": meta.get("round"),
             "pattern": describe_pattern(meta["pattern"]) if meta.get("pattern") else None,
-            "environment": {**environment(device), "dtype": settings.dtype, "cuda_graph": settings.cuda_graph}, "dense_source": dense_source,
+            "environment": {**environment(device), "dtype": settings.dtype, "cuda_graph": settings.cuda_graph},
+            "dense_source": dense_source,
             "input": list(example.shape[1:]), "batches": list(settings.batches),
             "costs": model_costs(masked, rows), "sizes": sizes(loaded, checkpoint),
             "end_to_end": [], "layers": [], "cost_layers": rows, "compaction": compaction,
