@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
@@ -167,6 +168,22 @@ def outcome_line(report: dict) -> str:
 
 
 _WRAPPING = ("parameter", "parameter tensor", "site", "block sizes")  # the columns that give way, names first
+_DOTTED = ("parameter", "parameter tensor", "site")  # dotted module paths: broken after a '.' where they wrap
+
+
+def break_at_dots(name: str, width: int) -> str:
+    """`name` in lines of at most `width` characters, each broken after a '.' where one is in reach
+    (`features.1.0.block.0.0.` / `weight` rather than `features.1.0.block.0.0.wei` / `ght`)."""
+    lines, line = [], ""
+    for part in re.split(r"(?<=\.)", name):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+        while len(line) > width:
+            lines.append(line[:width])
+            line = line[width:]
+    return "\n".join([*lines, line] if line else lines)
 
 
 def _table(title: str, head: list[str], rows: list[list[str]], *, width: int, left: tuple[str, ...] = ()):
@@ -203,7 +220,8 @@ def _table(title: str, head: list[str], rows: list[list[str]], *, width: int, le
         table.add_column(head_cell, justify="left" if head_cell in left else "right", overflow="fold",
                          no_wrap=i not in wrapping, width=fixed.get(i))
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(break_at_dots(cell, fixed[i]) if i in fixed and head[i] in _DOTTED else cell
+                        for i, cell in enumerate(row)))
     return table
 
 
