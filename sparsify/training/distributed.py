@@ -194,15 +194,8 @@ def run_on_main(func: Callable, *args, **kwargs):
             box[0] = ("ok", pickle.dumps(result))  # pickled here: a result that cannot travel is rank 0's error
         except BaseException as exc:
             mine, box[0] = exc, failure_of(exc)
-    try:
-        with peers_lost_as_error():
-            dist.broadcast_object_list(box, src=0, group=_control)
-    except SparsifyError:
-        if mine is not None:
-            raise mine from None
-        raise
-    if mine is not None:
-        raise on_every_rank(mine)
+    with own_failure_first(mine):
+        dist.broadcast_object_list(box, src=0, group=_control)
     status = box[0]
     if status[0] == "ok":
         return result if info.is_main else pickle.loads(status[1])
@@ -225,19 +218,28 @@ def fails_together() -> Iterator[None]:
         yield
     except BaseException as exc:
         mine = exc
+    per_rank: list = [None] * dist.get_world_size(group=_control)
+    with own_failure_first(mine):
+        dist.all_gather_object(per_rank, None if mine is None else failure_of(mine), group=_control)
+    failed = [status for status in per_rank if status is not None]
+    if failed:
+        raise on_every_rank(rebuild_failure(failed[0])) from None
+
+
+@contextmanager
+def own_failure_first(mine: BaseException | None) -> Iterator[None]:
+    """Around the collective that hands a rank's failure (`mine`, None when it has none) to the others:
+    a rank that failed raises its own exception, marked as raised on every rank, once the collective is
+    done, and also when the peers are lost during it (rather than the lost-peers error)."""
     try:
         with peers_lost_as_error():
-            per_rank: list = [None] * dist.get_world_size(group=_control)
-            dist.all_gather_object(per_rank, None if mine is None else failure_of(mine), group=_control)
+            yield
     except SparsifyError:
         if mine is not None:
             raise mine from None
         raise
     if mine is not None:
         raise on_every_rank(mine)
-    failed = [status for status in per_rank if status is not None]
-    if failed:
-        raise on_every_rank(rebuild_failure(failed[0])) from None
 
 
 def run_on_every_rank(func: Callable, *args, **kwargs):
