@@ -97,6 +97,43 @@ def test_static_masks_repeat_with_the_seed_and_dynamic_ones_change():
     assert not torch.equal(moving[0], moving[1])
 
 
+def test_a_resumed_stage_draws_the_dynamic_masks_the_whole_stage_would_have(tmp_path):
+    from types import SimpleNamespace
+
+    from sparsify.methods.activations import ActivationCallbacks
+    from sparsify.training.state import TrainState, load_train_state, save_train_state
+
+    cfg = SimpleNamespace(sites=["conv1", "bn1"], kind="dynamic", quarters=2, sparse_batchnorm=False,
+                          dense_inference=False)
+    x = torch.ones(1, 2, 6, 6)
+
+    def callbacks_on_a_model():
+        model, callbacks = Block(), ActivationCallbacks(cfg, seed=3)
+        callbacks.prepare(model)
+        return model, callbacks
+
+    def draw(model, times):
+        return [model.bn1(model.conv1(x))[0, 0].ne(0) for _ in range(times)]
+
+    model, whole = callbacks_on_a_model()
+    draw(model, 3)
+    state = TrainState(start_checkpoint="c", start_sha256="s", config_hash="h", epochs=1, world_size=1,
+                       parts={"callbacks": [whole.state_dict()]})
+    save_train_state(tmp_path / "train-state.safetensors", state)
+    expected = draw(model, 4)
+    resumed_model, resumed = callbacks_on_a_model()
+    resumed.load_state_dict(load_train_state(tmp_path / "train-state.safetensors").parts["callbacks"][0])
+    assert all(torch.equal(a, b) for a, b in zip(draw(resumed_model, 4), expected))
+    _, fresh = callbacks_on_a_model()  # without the state the stream starts over: other masks
+    assert sorted(fresh.state_dict()) == ["bn1", "conv1"]
+    assert not all(torch.equal(a, b) for a, b in zip(draw(callbacks_on_a_model()[0], 4), expected))
+    static = ActivationCallbacks(SimpleNamespace(**{**vars(cfg), "kind": "static"}), seed=3)
+    static.prepare(Block())
+    assert static.state_dict() is None  # nothing random to keep
+    with pytest.raises(SparsifyError, match="layer9"):
+        resumed.load_state_dict({"layer9": whole.state_dict()["conv1"]})
+
+
 def test_a_glob_that_matches_nothing_is_refused():
     with pytest.raises(SparsifyError, match="matches no module"):
         attach_activation_masks_(Block(), sites=["layer9.*"], kind="static", quarters=2, sparse_bn=True,

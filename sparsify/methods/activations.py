@@ -7,7 +7,8 @@ mask with exactly round(q/4 * H * W) kept positions, fixed by the run's seed) an
 (a new random mask of that size every forward). A BatchNorm2d site with `sparse_batchnorm`
 normalises only the kept positions (batch statistics and running statistics over those alone)
 and outputs 0 elsewhere. With `dense_inference`, evaluation uses no mask and scales the output
-by the mask's density. Nothing here enters the state_dict: masks are rebuilt from the config.
+by the mask's density. Nothing here enters the state_dict: masks are rebuilt from the config; a
+`dynamic` site's random stream travels in the train-state, so a resumed stage draws the same masks.
 """
 
 from __future__ import annotations
@@ -158,6 +159,19 @@ class ActivationCallbacks(TrainCallback):
         self.sites = attach_activation_masks_(model, sites=c.sites, kind=c.kind, quarters=c.quarters,
                                               sparse_bn=c.sparse_batchnorm, dense_inference=c.dense_inference,
                                               seed=self.seed)
+
+    def state_dict(self) -> dict | None:
+        """Where each `dynamic` site's mask stream stands (a resumed stage draws the masks it would have)."""
+        streams = {site.name: site.generator.get_state() for site in self.sites if site.kind == "dynamic"}
+        return streams or None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        by_name = {site.name: site for site in self.sites}
+        for name, stream in (state or {}).items():
+            if name not in by_name:
+                raise SparsifyError(f"the train-state has a mask stream for activation site {name!r}, which the "
+                                    "config does not attach; remove train-state.safetensors to start the stage over")
+            by_name[name].generator.set_state(stream)
 
     def stage_meta(self) -> dict:
         return {"activations": densities(self.sites)}
