@@ -20,7 +20,8 @@ from torch import nn
 from sparsify.io.checkpoint import describe_nonfinite, nonfinite_entries
 from sparsify.io.rundir import RunDir
 from sparsify.config import RunConfig, config_hash
-from sparsify.training.distributed import DistInfo, check_masks_agree, gather_objects, reduce_sums, run_on_main
+from sparsify.training.distributed import (DistInfo, check_masks_agree, gather_objects, reduce_sums, run_on_every_rank,
+                                           run_on_main)
 from sparsify.errors import CheckpointError, SparsifyError, TrainingDiverged
 from sparsify.core.masks import MaskEnforcer, find_unmasked_nonzeros
 from sparsify.core.patterns import build_pattern
@@ -135,8 +136,7 @@ def make_resume(path: Path, identity: dict, info: DistInfo, *, log, csv_path: Pa
     """A function restoring a matching train-state into the trainer (fresh start otherwise)."""
 
     def fresh() -> Position:  # rows an earlier, unfinished attempt of this stage logged are forgotten
-        if info.is_main:
-            drop_rows_after(csv_path, start=identity["start_checkpoint"], step=0)
+        run_on_main(drop_rows_after, csv_path, start=identity["start_checkpoint"], step=0)  # fails on every rank
         return Position()
 
     def resume(trainer: Trainer) -> Position:
@@ -156,8 +156,7 @@ def make_resume(path: Path, identity: dict, info: DistInfo, *, log, csv_path: Pa
         trainer.enforcer.apply_()
         trainer.load_parts(state.parts)
         restore_rng(state.rng[info.rank])
-        if info.is_main:
-            drop_rows_after(csv_path, start=identity["start_checkpoint"], step=state.step)
+        run_on_main(drop_rows_after, csv_path, start=identity["start_checkpoint"], step=state.step)
         log(f"resuming from {path.name}: epoch {state.epoch + 1}/{state.epochs}, batch {state.batch}, "
             f"step {state.step}")
         return Position(state.epoch, state.batch, state.step)
@@ -171,7 +170,7 @@ def make_saver(path: Path, identity: dict, info: DistInfo, pattern) -> Callable[
     def save(trainer: Trainer, position: Position) -> None:
         rng = gather_objects(capture_rng())
         check_finite(trainer.model, trainer.device, where=f"epoch {position.epoch + 1}, step {position.step}")
-        check_no_drift(trainer.model, trainer.enforcer, pattern, rank=info.rank)
+        run_on_every_rank(check_no_drift, trainer.model, trainer.enforcer, pattern, rank=info.rank)
         check_masks_agree(trainer.enforcer.masks)
         run_on_main(lambda: save_train_state(path, TrainState(  # a failed write stops every rank
             **identity, world_size=info.world_size, epoch=position.epoch, batch=position.batch,
@@ -224,7 +223,7 @@ def finetune(config: RunConfig, run: RunDir, loaded, *, make_loaders: Callable[.
             for callback in callbacks:  # e.g. gumbel: install the argmax masks, zero the weights under them
                 callback.on_train_end(model, enforcer)
             check_finite(model, device, where=f"after {epochs} epoch(s)")
-            check_no_drift(model, enforcer, pattern, rank=info.rank)
+            run_on_every_rank(check_no_drift, model, enforcer, pattern, rank=info.rank)
             check_masks_agree(enforcer.masks)
             metrics.update(evaluate(model, val_loader, device=device, limit=config.data.limit_val_batches,
                                     amp=t.amp, channels_last=t.channels_last))
