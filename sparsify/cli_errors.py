@@ -28,7 +28,8 @@ def debugging() -> bool:
 
 def reports_errors(func):
     """Turn SparsifyError into one line on stderr and its exit code (no traceback); any other
-    exception into one line saying it is a bug (its traceback under --debug or SPARSIFY_DEBUG=1)."""
+    exception into one line saying it is a bug, or where in the user's own code it was raised (its
+    traceback under --debug or SPARSIFY_DEBUG=1)."""
 
     @wraps(func)
     def wrapper(*args, **kwargs):
@@ -60,8 +61,35 @@ def unexpected_line(exc: Exception) -> str:
     if isinstance(exc, MemoryError) or kind == "OutOfMemoryError" or "can't allocate memory" in text:
         return (f"out of memory ({kind}{': ' + text if text else ''}); lower data.batch_size (or model.input_size, "
                 "data.workers) and run the command again")
+    where = raised_in_user_code(exc)
+    if where:
+        return (f"{kind}{': ' + text if text else ''} (raised in {where}, code outside sparsify: a model factory, "
+                f"plugin or dataset of yours; rerun with --debug or {DEBUG_ENV}=1 for the traceback)")
     return (f"{kind}{': ' + text if text else ''} (this is a bug in sparsify; rerun with --debug or "
             f"{DEBUG_ENV}=1 for the traceback and report it)")
+
+
+def raised_in_user_code(exc: BaseException) -> str | None:
+    """'file.py:LINE (function)' when the innermost frame of `exc`'s traceback outside the installed packages
+    and Python's standard library is not sparsify's (a `pkg.module:factory` model, a plugin); else None."""
+    import os
+    import sysconfig
+
+    ours = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    libraries = tuple({os.path.realpath(sysconfig.get_paths()[key]) + os.sep
+                       for key in ("stdlib", "platstdlib", "purelib", "platlib")})
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    for tb in reversed(frames):
+        path = os.path.realpath(tb.tb_frame.f_code.co_filename)
+        if not os.path.isfile(path) or path.startswith(libraries) or {"site-packages", "dist-packages"} & set(
+                path.split(os.sep)):
+            continue  # torch, the standard library, frozen modules: look further out
+        return None if path.startswith(ours) else f"{os.path.basename(path)}:{tb.tb_lineno} ({tb.tb_frame.f_code.co_name})"
+    return None
 
 
 def note(message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +55,9 @@ def test_an_unexpected_exception_is_one_line_and_its_traceback_is_one_flag_away(
     monkeypatch.syspath_prepend(str(TESTS))
     args = ["download", "-c", "tiny.yaml", "--set", "model.arch=factory_model:build_broken"]
     line = refused(*args, env=NO_DEBUG)
-    assert line == ("error: ValueError: no layout for 4 classes (this is a bug in sparsify; rerun with --debug or "
-                    "SPARSIFY_DEBUG=1 for the traceback and report it)")
+    assert re.fullmatch(r"error: ValueError: no layout for 4 classes \(raised in factory_model\.py:\d+ \(build_broken\), "
+                        r"code outside sparsify: a model factory, plugin or dataset of yours; rerun with --debug or "
+                        r"SPARSIFY_DEBUG=1 for the traceback\)", line), line
     from sparsify.cli import app
 
     for flags, env in ((["--debug"], NO_DEBUG), ([], {"SPARSIFY_DEBUG": "1"})):
@@ -63,6 +65,31 @@ def test_an_unexpected_exception_is_one_line_and_its_traceback_is_one_flag_away(
         assert result.exit_code == 1 and isinstance(result.exception, ValueError)
         assert "bug in sparsify" not in result.stderr
     assert not (workdir / "runs/tiny/checkpoints").exists()
+
+
+def test_an_exception_is_called_a_bug_in_sparsify_only_when_sparsify_raised_it():
+    from sparsify.cli_errors import raised_in_user_code, unexpected_line
+    from sparsify.errors import path_problem
+
+    def caught(func, *args):
+        try:
+            func(*args)
+        except Exception as exc:
+            return exc
+        raise AssertionError("no exception")
+
+    inside = caught(path_problem, None)  # TypeError from os.path, called by sparsify: sparsify's bug
+    assert raised_in_user_code(inside) is None and "this is a bug in sparsify" in unexpected_line(inside)
+
+    def users_factory():
+        return torch.nn.Conv2d(3, 8, kernel_size=-1)  # torch raises; the last frame outside torch is this one
+
+    import torch
+
+    outside = caught(users_factory)
+    assert re.fullmatch(r"test_messages\.py:\d+ \(users_factory\)", raised_in_user_code(outside))
+    assert "bug in sparsify" not in unexpected_line(outside)
+    assert raised_in_user_code(ValueError("never raised")) is None
 
 
 def test_debug_prints_the_traceback_from_the_command_line(workdir):
