@@ -104,9 +104,11 @@ def load_stage(config: Optional[Path], overrides: Optional[list[str]], threads: 
 
 def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]], nproc: int, extra: list[str]) -> None:
     """Run this command again in `nproc` processes through torch.distributed's launcher."""
+    from sparsify.config import load_config
     from sparsify.training.distributed import launch
 
-    load(config, overrides)  # a bad config fails here, once, before any process starts
+    load_config(config, overrides or [])  # a bad config fails here, once, before any process starts (no note:
+    # rank 0 prints it)
     argv = [command, *(["-c", str(config)] if config else [])]
     for assignment in overrides or []:
         argv += ["--set", assignment]

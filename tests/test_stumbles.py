@@ -217,3 +217,7 @@ def test_running_on_the_defaults_is_said_on_stderr(workdir):
     assert code == 0 and "empty.yaml is empty; using the built-in defaults" in err
     code, _, err = invoke("config", "-c", "tiny.yaml")
     assert code == 0 and "note:" not in err
+    # --nproc: the launcher validates the config quietly; rank 0 alone says it runs on the defaults
+    done = subprocess.run([sys.executable, "-m", "sparsify", "train", "--nproc", "2"], cwd=workdir,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("no config given (-c PATH)") == 1, done.stderr
