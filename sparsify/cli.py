@@ -107,8 +107,8 @@ def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]
     from sparsify.config import load_config
     from sparsify.training.distributed import launch
 
-    load_config(config, overrides or [])  # a bad config fails here, once, before any process starts (no note:
-    # rank 0 prints it)
+    load_config(config, overrides or [])  # a bad config fails here, once, before any process starts; rank 0 notes
+    # the defaults
     argv = [command, *(["-c", str(config)] if config else [])]
     for assignment in overrides or []:
         argv += ["--set", assignment]

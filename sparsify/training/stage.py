@@ -136,7 +136,7 @@ def make_resume(path: Path, identity: dict, info: DistInfo, *, log, csv_path: Pa
     """A function restoring a matching train-state into the trainer (fresh start otherwise)."""
 
     def fresh() -> Position:  # rows an earlier, unfinished attempt of this stage logged are forgotten
-        run_on_main(drop_rows_after, csv_path, start=identity["start_checkpoint"], step=0)  # fails on every rank
+        run_on_main(drop_rows_after, csv_path, start=identity["start_checkpoint"], step=0)  # a failure stops every rank
         return Position()
 
     def resume(trainer: Trainer) -> Position:
