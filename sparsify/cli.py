@@ -148,7 +148,7 @@ def options(
         os.environ[DEBUG_ENV] = "1"
 
 
-@app.command()
+@app.command(short_help="Build the model with its starting weights (round 0).")
 @reports_errors
 def download(
     config: ConfigOption = None,
@@ -177,7 +177,7 @@ def prune(
     say(stages.prune(load_stage(config, set_, threads), show_eval=eval_).message)
 
 
-@app.command()
+@app.command(short_help="Finetune the latest checkpoint with its masks enforced.")
 @reports_errors
 def train(
     config: ConfigOption = None,
@@ -195,7 +195,7 @@ def train(
     say(stages.train(load_stage(config, set_, threads), epochs=epochs).message)
 
 
-@app.command("eval")
+@app.command("eval", short_help="Evaluate the latest checkpoint on the validation set.")
 @reports_errors
 def eval_(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsOption = None) -> None:
     """Evaluate the latest checkpoint (top-1, top-5, loss) on the validation set."""
@@ -204,7 +204,7 @@ def eval_(config: ConfigOption = None, set_: SetOption = None, threads: ThreadsO
     say(stages.eval_latest(load_stage(config, set_, threads)).message)
 
 
-@app.command()
+@app.command(short_help="Time the dense, masked and sparse model; count the savings.")
 @reports_errors
 def bench(
     target: Annotated[Optional[Path], typer.Argument(
@@ -236,7 +236,7 @@ def bench(
     say(render_bench(result, "json" if format_ is CheckFormat.json else "table"))
 
 
-@app.command()
+@app.command(short_help="Prune each layer alone, measure the loss; allocate targets.")
 @reports_errors
 def sensitivity(
     config: ConfigOption = None,
@@ -258,7 +258,7 @@ def sensitivity(
     say(render_sensitivity(scan(load_stage(config, set_, threads), settings), format_.value))
 
 
-@app.command()
+@app.command(short_help="Run the whole schedule: dense, prune + train rounds, final.")
 @reports_errors
 def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption = None,
         threads: ThreadsOption = None) -> None:
@@ -271,7 +271,7 @@ def run(config: ConfigOption = None, set_: SetOption = None, nproc: NprocOption 
     say(f"run finished: {len(results)} stage(s) this time; see `sparsify report`")
 
 
-@app.command()
+@app.command(short_help="Per-layer table, summary and round history of a run.")
 @reports_errors
 def report(
     target: Annotated[
@@ -319,7 +319,7 @@ def check(
         fail(result["reason"], 1)
 
 
-@app.command()
+@app.command(short_help="Write a checkpoint as a plain model file, ONNX or pt2.")
 @reports_errors
 def export(
     config: ConfigOption = None,
@@ -385,7 +385,7 @@ def recipes_copy(
     say(f"wrote {written}; edit it, then: sparsify run -c {written}")
 
 
-@app.command("config")
+@app.command("config", short_help="Validate a config and print it resolved.")
 @reports_errors
 def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Validate a config and print it resolved (defaults filled in, overrides applied)."""

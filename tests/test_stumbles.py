@@ -193,6 +193,10 @@ def test_help_shows_nothing_after_flags_that_take_no_value():
         flags = [line for line in out.splitlines() if re.match(r"\s+(--help|--force|--version)\b", line)]
         assert flags and all(re.match(r"\s+--[a-z]+\s{2,}\S", line) for line in flags), flags
     assert "--set KEY=VALUE" in invoke("download", "--help")[1]
+    # at 80 columns every command's one-line description is whole
+    out = invoke("--help", env={"COLUMNS": "80"})[1]
+    commands = out.split("Commands:")[1].strip().splitlines()
+    assert len(commands) >= 12 and not [line for line in commands if line.endswith("...") or len(line) > 80], commands
 
 
 def test_version_names_sparsify_and_torch_without_importing_torch():
