@@ -117,6 +117,11 @@ def test_prune_eval_prints_before_and_after_and_the_checkpoint_records_it(tiny_c
     assert code == 0, err
     assert (f"BatchNorm re-estimated on 2 batches ({layers} layers); val top-1 {record['val_acc1_before']:.2f}% "
             f"before, {record['val_acc1_after']:.2f}% after") in " ".join(out.split())  # notes wrap at 80 columns
+    code, out, err = cli("eval", "-c", config)  # eval right after the prune: the re-estimated model, and what it did
+    assert code == 0, err
+    assert out.strip().startswith(f"001-r01-pruned.safetensors: val top-1 {record['val_acc1_after']:.2f}%")
+    assert out.strip().endswith(f"; BatchNorm re-estimated at prune on 2 batches (val top-1 "
+                                f"{record['val_acc1_before']:.2f}% before it)")
 
 
 def test_re_estimation_changes_only_batchnorm_buffers_and_masks_stay_exact(tiny_config, cli):

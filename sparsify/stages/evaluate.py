@@ -33,5 +33,16 @@ def eval_latest(config: RunConfig) -> StageResult:
                             "sparsity": round(sparsity, 6), "metrics": metrics, "seconds": round(seconds, 3)})
     result = StageResult("eval", meta["round"], "eval", loaded.checkpoint.path, sparsity, metrics, seconds)
     result.message = (f"{loaded.checkpoint.path.name}: val top-1 {metrics['val_acc1']:.2f}%, "
-                      f"top-5 {metrics['val_acc5']:.2f}%, loss {metrics['val_loss']:.4f}, sparsity {sparsity:.2%}")
+                      f"top-5 {metrics['val_acc5']:.2f}%, loss {metrics['val_loss']:.4f}, sparsity {sparsity:.2%}"
+                      f"{recalibration_note(meta.get('bn_recalibration'))}")
     return result
+
+
+def recalibration_note(record: dict | None) -> str:
+    """For a checkpoint `prune` wrote: '; BatchNorm re-estimated at prune on N batches' (and the top-1 before
+    the re-estimation when `prune --eval` measured it), so `eval` right after a prune shows what it did."""
+    if not record:
+        return ""
+    before = (f" (val top-1 {record['val_acc1_before']:.2f}% before it)"
+              if "val_acc1_before" in record else "")
+    return f"; BatchNorm re-estimated at prune on {record['batches']} batches{before}"
