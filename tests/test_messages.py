@@ -68,6 +68,8 @@ def test_an_unexpected_exception_is_one_line_and_its_traceback_is_one_flag_away(
 
 
 def test_an_exception_is_called_a_bug_in_sparsify_only_when_sparsify_raised_it():
+    import torch
+
     from sparsify.cli_errors import raised_in_user_code, unexpected_line
     from sparsify.errors import path_problem
 
@@ -83,8 +85,6 @@ def test_an_exception_is_called_a_bug_in_sparsify_only_when_sparsify_raised_it()
 
     def users_factory():
         return torch.nn.Conv2d(3, 8, kernel_size=-1)  # torch raises; the last frame outside torch is this one
-
-    import torch
 
     outside = caught(users_factory)
     assert re.fullmatch(r"test_messages\.py:\d+ \(users_factory\)", raised_in_user_code(outside))

@@ -71,15 +71,17 @@ def test_report_fits_80_columns_in_one_unit_and_ends_with_the_outcome(workdir):
 
 
 def test_long_parameter_names_wrap_after_a_dot():
+    import io
+
+    from rich.console import Console
+
     from sparsify.report.render import _table, break_at_dots
 
     assert break_at_dots("features.1.0.block.0.0.weight", 26) == "features.1.0.block.0.0.\nweight"
     assert break_at_dots("layer1.0.conv1.weight", 10) == "layer1.0.\nconv1.\nweight"
     assert break_at_dots("a.b", 8) == "a.b"
     assert break_at_dots("aaaaaaaaaaaa", 5) == "aaaaa\naaaaa\naa"  # no dot in reach: cut at the width
-    from rich.console import Console
-
-    console = Console(width=30, color_system=None, record=True, file=open(os.devnull, "w"))
+    console = Console(width=30, color_system=None, record=True, file=io.StringIO())
     console.print(_table("layers", ["parameter", "shape"], [["features.1.0.block.0.0.weight", "32x1x3x3"]],
                          width=30, left=("parameter", "shape")))
     lines = [line.rstrip() for line in console.export_text().splitlines() if line.strip()]
