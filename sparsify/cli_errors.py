@@ -85,10 +85,12 @@ def raised_in_user_code(exc: BaseException) -> str | None:
         tb = tb.tb_next
     for tb in reversed(frames):
         path = os.path.realpath(tb.tb_frame.f_code.co_filename)
+        if path.startswith(ours):  # also when sparsify itself is installed under site-packages
+            return None
         if not os.path.isfile(path) or path.startswith(libraries) or {"site-packages", "dist-packages"} & set(
                 path.split(os.sep)):
             continue  # torch, the standard library, frozen modules: look further out
-        return None if path.startswith(ours) else f"{os.path.basename(path)}:{tb.tb_lineno} ({tb.tb_frame.f_code.co_name})"
+        return f"{os.path.basename(path)}:{tb.tb_lineno} ({tb.tb_frame.f_code.co_name})"
     return None
 
 
