@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from sparsify.errors import SparsifyError
 from sparsify.io.files import atomic_write_bytes
 from sparsify.runtime.graphs import capture
 from sparsify.runtime.layer import LayerTiming, SparseLayer, device_sync, set_mode, wrap_layers
-from sparsify.runtime.timing import TimingSettings
+from sparsify.runtime.timing import TimingSettings, interleaved_times
 
 FILE_FORMAT = 1
 
@@ -156,15 +155,9 @@ def check_end_to_end(model: nn.Module, layers: dict[str, SparseLayer], rows: lis
 
 
 def whole_model_times(runs: dict, *, rounds: int, sync) -> dict[str, float]:
-    """Median seconds of one call of each run over `rounds` rounds, the order alternating."""
-    samples = {name: [] for name in runs}
-    for index in range(rounds):
-        for name in (list(runs) if index % 2 == 0 else list(runs)[::-1]):
-            start = time.perf_counter()
-            runs[name]()
-            sync()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median seconds of one call of each run over `rounds` rounds, the order alternating, no warm-up call."""
+    times = interleaved_times(runs, runs=rounds, warmup=0, min_sample_s=0.0, sync=sync)
+    return {name: figures["median"] for name, figures in times.items()}
 
 
 def mode_call(model: nn.Module, mode: str, example: torch.Tensor):

@@ -15,7 +15,7 @@ from sparsify.io.restore import LoadedRun, load_run, rebuild
 from sparsify.io.rundir import RunDir
 from sparsify.registry import EXECUTORS
 from sparsify.runtime.calibrate import (
-    Calibration, apply_plan, calibrate_model, calibration_key, model_device_dtype, read_calibration,
+    Calibration, apply_plan, calibrate_model, calibration_key, read_calibration,
     write_calibration,
 )
 from sparsify.runtime.graphs import GraphedModel
@@ -78,7 +78,8 @@ def place(path, *, device: torch.device, batch: int, calibrate: bool, input_size
           graphs: bool) -> Deployed:
     """`deploy` without the graph wrapper: load, cast, mask, then the forced, dense or calibrated plan."""
     loaded, checkpoint, store = open_checkpoint(Path(path))
-    model = loaded.model.eval().to(device, model_dtype(dtype))
+    run_dtype = model_dtype(dtype)
+    model = loaded.model.eval().to(device, run_dtype)
     masks = element_masks(loaded, model)
     if executor is not None:
         apply_plan(model, masks, forced_plan(model, masks, executor))
@@ -87,14 +88,14 @@ def place(path, *, device: torch.device, batch: int, calibrate: bool, input_size
         apply_plan(model, masks, {})
         return Deployed(model, checkpoint, None, store)
     shape = input_shape(loaded.checkpoint.meta, batch, input_size)
-    key = calibration_key(device=device, input_shape=shape, dtype=model_device_dtype(model)[1],
-                          checkpoint=loaded.checkpoint.sha256, graphs=graphs)
+    key = calibration_key(device=device, input_shape=shape, dtype=run_dtype, checkpoint=loaded.checkpoint.sha256,
+                          graphs=graphs)
     stored = read_calibration(store, key) if reuse else None
     if stored is not None and set(stored.plan) == set(wrap_layers(model, masks)):
         apply_plan(model, masks, stored)
         unwrap_dense(model)
         return Deployed(model, checkpoint, stored, store)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, model_dtype(dtype))
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, run_dtype)
     calibration = calibrate_model(model, masks, example, repeats=repeats, budget_s=budget_s, margin=margin,
                                   checkpoint=loaded.checkpoint.sha256, graphs=graphs)
     calibration.key = key

@@ -125,7 +125,10 @@ def pick(ms: dict[str, float], margin: float, baseline: str = BASELINE) -> tuple
 
 
 def calls_per_sample(func: Callable[[], object], *, warmup: int, min_sample_s: float, sync: Callable[[], None]) -> int:
-    """Warm `func` up (its fastest call) and return how many calls make one sample of at least `min_sample_s`."""
+    """Warm `func` up (its fastest call) and return how many calls make one sample of at least `min_sample_s`
+    (1 without a call when `warmup` is 0 and `min_sample_s` is 0: one call per sample, none spent warming up)."""
+    if warmup < 1 and min_sample_s <= 0:
+        return 1
     seconds = math.inf
     for _ in range(max(1, warmup)):
         start = time.perf_counter()

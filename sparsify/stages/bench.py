@@ -28,6 +28,7 @@ from sparsify.io.restore import build_model_for, load_run
 from sparsify.io.rundir import RunDir
 from sparsify.runtime.calibrate import device_name
 from sparsify.runtime.graphs import GraphedModel
+from sparsify.runtime.layer import device_sync
 from sparsify.runtime.load import deploy, input_shape, model_dtype, open_checkpoint
 from sparsify.stages.costs import compaction_costs, compressed_size, layer_costs, model_costs
 from sparsify.runtime.timing import interleaved_times
@@ -124,7 +125,7 @@ def time_batch(checkpoint: Path, meta: dict, dense: nn.Module, masked: nn.Module
         models["compact"] = compact.to(device, dtype)
     if settings.cuda_graph:  # (the calibrated model comes wrapped already)
         models = {name: m if name == "calibrated" else GraphedModel(m) for name, m in models.items()}
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     with torch.inference_mode():
         times = interleaved_times({name: (lambda m=m: m(example)) for name, m in models.items()},
                                   runs=settings.runs, sync=sync)
