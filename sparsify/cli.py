@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from sparsify.cli_errors import DEBUG_ENV, fail, note, reports_errors, say
+from sparsify.cli_config import load, load_stage, relaunch, with_threads
+from sparsify.cli_errors import DEBUG_ENV, fail, reports_errors, say
 
 app = typer.Typer(
     name="sparsify",
@@ -50,30 +51,6 @@ class CheckFormat(str, Enum):
 
 TableFormat = Enum("TableFormat", {"table": "table", "csv": "csv", "json": "json"}, type=str)  # sensitivity
 
-def load(config: Optional[Path], overrides: Optional[list[str]]):
-    from sparsify.config import load_config
-
-    resolved = load_config(config, overrides or [])
-    source = defaults_source(config)
-    if source:
-        note(f"note: {source}; using the built-in defaults{' with the overrides given' if overrides else ''}: "
-             f"run {resolved.name!r} in {resolved.run_dir}")
-    return resolved
-
-
-def defaults_source(config: Optional[Path]) -> str:
-    """Why the run gets the built-in defaults ('no config given ...', '<path> is empty'), or ''."""
-    if config is None:
-        return "no config given (-c PATH)"
-    import yaml
-
-    try:
-        empty = yaml.safe_load(Path(config).read_text()) is None
-    except (OSError, yaml.YAMLError):  # load_config has read it already; nothing to add
-        return ""
-    return f"{config} is empty" if empty else ""
-
-
 NprocOption = Annotated[
     Optional[int],
     typer.Option("--nproc", min=1, help="Launch N local processes through torch.distributed.run (like torchrun).",
@@ -86,33 +63,6 @@ ThreadsOption = Annotated[
     typer.Option("--threads", metavar="auto|N",
                  help="CPU threads for torch: auto or N >= 1 (default: train.threads).", show_default=False),
 ]
-
-
-def with_threads(overrides: Optional[list[str]], threads: Optional[str]) -> list[str]:
-    """`--threads N` as the override train.threads=N: validated with the config, recorded in config.yaml."""
-    return [*(overrides or []), *([f"train.threads={threads}"] if threads is not None else [])]
-
-
-def load_stage(config: Optional[Path], overrides: Optional[list[str]], threads: Optional[str]):
-    """The config (with --threads), and torch's CPU threads set from train.threads for this command."""
-    from sparsify.threads import apply_threads
-
-    resolved = load(config, with_threads(overrides, threads))
-    apply_threads(resolved.train.threads)
-    return resolved
-
-
-def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]], nproc: int, extra: list[str]) -> None:
-    """Run this command again in `nproc` processes through torch.distributed's launcher."""
-    from sparsify.config import load_config
-    from sparsify.training.distributed import launch
-
-    load_config(config, overrides or [])  # a bad config fails here, once, before any process starts; rank 0 notes
-    # the defaults
-    argv = [command, *(["-c", str(config)] if config else [])]
-    for assignment in overrides or []:
-        argv += ["--set", assignment]
-    launch(argv + extra, nproc=nproc)
 
 
 def print_version(value: bool) -> None:

@@ -223,7 +223,21 @@ def test_running_on_the_defaults_is_said_on_stderr(workdir):
     assert code == 0 and "empty.yaml is empty; using the built-in defaults" in err
     code, _, err = invoke("config", "-c", "tiny.yaml")
     assert code == 0 and "note:" not in err
-    # --nproc: the launcher validates the config quietly; rank 0 alone says it runs on the defaults
+    # --nproc: the launcher checks the config and the run folder before it starts any process, and a
+    # refusal there reads as one note and one error (not one per process, nor the launcher's own lines)
     done = subprocess.run([sys.executable, "-m", "sparsify", "train", "--nproc", "2"], cwd=workdir,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.count("no config given (-c PATH)") == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == ("error: run folder runs/run does not exist; start the run with "
+                                            "`sparsify download`") and len(done.stderr.splitlines()) == 2, done.stderr
+
+
+def test_nproc_refuses_a_run_without_a_checkpoint_before_starting_processes(workdir):
+    """A run folder made but never downloaded into: `sensitivity --nproc 2` and `train --nproc 2` say so once."""
+    (workdir / "runs/tiny").mkdir(parents=True)
+    for command in ("sensitivity", "train"):
+        done = subprocess.run([sys.executable, "-m", "sparsify", command, "-c", "tiny.yaml", "--nproc", "2"],
+                              cwd=workdir, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.splitlines() == [
+            "error: run folder runs/tiny has no checkpoint yet; start it with `sparsify download`"], done.stderr
+    assert not (workdir / "runs/tiny/checkpoints").exists()

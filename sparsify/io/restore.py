@@ -35,9 +35,7 @@ def build_model_for(meta: dict) -> nn.Module:
 
 def load_run(run: RunDir, *, path: Path | None = None) -> LoadedRun:
     """Load (and verify) the latest checkpoint of `run`, or `path`."""
-    path = path or run.latest()
-    if path is None:
-        raise CheckpointError(f"run folder {run.root} has no checkpoint yet; start it with `sparsify download`")
+    path = path or run.require_latest()
     ckpt = load_checkpoint(path, expected_sha256=run.recorded_sha256(path))
     return rebuild(ckpt)
 

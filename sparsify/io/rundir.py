@@ -36,6 +36,13 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def require_latest(self) -> Path:
+        """The latest checkpoint; CheckpointError telling how to start the run when there is none."""
+        path = self.latest()
+        if path is None:
+            raise CheckpointError(f"run folder {self.root} has no checkpoint yet; start it with `sparsify download`")
+        return path
+
     def make_checkpoints_dir(self) -> None:
         """Create checkpoints/ if needed; WriteFailed when it cannot be made."""
         try:
