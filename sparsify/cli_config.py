@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from sparsify.cli_errors import note
+from sparsify.cli_errors import debugging, note
 
 
 def load(config: Optional[Path], overrides: Optional[list[str]]):
@@ -58,4 +58,4 @@ def relaunch(command: str, config: Optional[Path], overrides: Optional[list[str]
     except SparsifyError:
         load(config, overrides)  # says when the built-in defaults are why the run folder is not the one meant
         raise
-    launch_command(command, config, overrides, nproc, extra)
+    launch_command(command, config, overrides, nproc, extra, quiet=not debugging())

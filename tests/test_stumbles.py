@@ -241,3 +241,12 @@ def test_nproc_refuses_a_run_without_a_checkpoint_before_starting_processes(work
         assert done.returncode == 1 and done.stderr.splitlines() == [
             "error: run folder runs/tiny has no checkpoint yet; start it with `sparsify download`"], done.stderr
     assert not (workdir / "runs/tiny/checkpoints").exists()
+
+
+def test_nproc_refuses_another_model_once(workdir):
+    ok("download", "-c", "tiny.yaml")
+    done = subprocess.run([sys.executable, "-m", "sparsify", "train", "-c", "tiny.yaml", "--set",
+                           "model.arch=small_resnet", "--nproc", "2"], cwd=workdir, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: run 'tiny' holds model 'tiny_resnet' but the config says 'small_resnet'")

@@ -353,13 +353,25 @@ def check_masks_agree(masks: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- the launcher
 
 
-def launch(argv: list[str], *, nproc: int) -> None:
-    """Run `python -m sparsify <argv>` in `nproc` local processes through torch.distributed.run."""
+def launch(argv: list[str], *, nproc: int, quiet: bool = True) -> None:
+    """Run `python -m sparsify <argv>` in `nproc` local processes through torch.distributed.run.
+
+    Each process gets OMP_NUM_THREADS = max(1, (usable CPUs - 1) // nproc), the `auto` rule shared out, unless
+    it is set (torch.distributed.run would set 1 and warn); `quiet` keeps the launcher's own log lines (a rank's exit code, the SIGTERMs it sends to
+    the others) off stderr, since every failing rank has said why and the last line sums it up.
+    """
+    import logging
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from sparsify.threads import usable_cpus
+
     if env_dist_info().active:
         raise SparsifyError("--nproc was given inside a torchrun job; drop --nproc or call sparsify without torchrun")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (usable_cpus() - 1) // nproc)))
+    if quiet:
+        logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "--module", "sparsify", *argv])
     try:
         run(args)
