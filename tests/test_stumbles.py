@@ -250,3 +250,12 @@ def test_nproc_refuses_another_model_once(workdir):
                           timeout=120)
     assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith("error: run 'tiny' holds model 'tiny_resnet' but the config says 'small_resnet'")
+
+
+def test_report_on_a_run_not_started_says_where_it_looked(workdir):
+    code, _, err = invoke("report", "-c", "tiny.yaml")
+    assert code == 1 and err.strip() == (
+        "error: runs/tiny does not exist: give a run folder or a checkpoint file (relative paths, and runs_dir, "
+        "are from the current folder), or start the run with `sparsify download`")
+    code, _, err = invoke("report", "/dev/null")
+    assert code == 1 and err.strip() == "error: /dev/null is neither a run folder nor a checkpoint file; give one of those"

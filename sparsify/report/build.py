@@ -37,7 +37,10 @@ def locate(target: Path) -> tuple[Path, RunDir | None]:
     if target.is_file():
         run_root = target.parent.parent
         return target, RunDir(run_root) if (run_root / "history.jsonl").is_file() else None
-    raise SparsifyError(f"{target} is neither a run folder nor a checkpoint file")
+    if target.exists():
+        raise SparsifyError(f"{target} is neither a run folder nor a checkpoint file; give one of those")
+    raise SparsifyError(f"{target} does not exist: give a run folder or a checkpoint file (relative paths, and "
+                        "runs_dir, are from the current folder), or start the run with `sparsify download`")
 
 
 def build_report(target: Path) -> dict:
