@@ -16,6 +16,9 @@ from sparsify.errors import CheckpointError, RunLockedError
 from sparsify.io.files import append_bytes, write_failure
 
 _NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # io.files.temporary_path: .NAME.PID.tmp
+TRAIN_STATE = "train-state.safetensors"
+_HELD: set[str] = set()  # the run locks this process holds (resolved lock file paths)
 
 
 class RunDir:
@@ -106,7 +109,12 @@ class RunDir:
 
     @contextmanager
     def lock(self, command: str, *, create: bool = False) -> Iterator[None]:
-        """Hold the run's lock for the duration of one command (released even on a crash)."""
+        """Hold the run's lock for the duration of one command (released even on a crash). Taken again in
+        the process that holds it (the stages of `run` inside its lock), it is already held: nothing to do."""
+        key = str(self.lock_path.resolve())
+        if key in _HELD:
+            yield
+            return
         if create:
             self.create()
         elif not self.root.is_dir():
@@ -130,6 +138,48 @@ class RunDir:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
+            _HELD.add(key)
+            self.tidy_after_crash()
             yield
         finally:
+            _HELD.discard(key)
             os.close(fd)
+
+    def tidy_after_crash(self) -> None:
+        """Under the lock, what a command killed while writing left behind: its temporary files go (no other
+        command writes here now), and a checkpoint made visible without its history line (killed between the
+        two) gets that line from the `record` it carries, so a rerun goes on after it instead of repeating
+        its stage; the train-state of the stage that made it goes too."""
+        for folder in (self.root, self.checkpoints_dir):
+            for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+                found = _TEMPORARY.match(path.name)
+                if found and int(found.group(1)) != os.getpid():
+                    path.unlink(missing_ok=True)
+        latest = self.latest()
+        if latest is not None and self.recorded_sha256(latest, lenient=True) is None:
+            self.record_unrecorded(latest)
+
+    def record_unrecorded(self, path: Path) -> None:
+        """Append the history line `write_stage` did not get to write for checkpoint `path` (one it wrote
+        whole: it carries `record`; a file put there by hand is left as it is)."""
+        from sparsify.io.checkpoint import decode_metadata, read_metadata
+        from sparsify.io.tensorfile import MappedFile
+
+        try:
+            meta = decode_metadata(read_metadata(path), path)
+        except Exception:  # unreadable: loading it says why
+            return
+        record = meta.get("record")
+        if not isinstance(record, dict):
+            return
+        self.append_history({"time": meta.get("created"), "command": record.get("command"), "round": meta.get("round"),
+                             "stage": meta.get("stage"), "checkpoint": path.name, "sha256": MappedFile(path, sha256=True).sha256(),
+                             "sparsity": record.get("sparsity"), "metrics": meta.get("metrics"),
+                             "seconds": record.get("seconds"), "recorded_after_a_crash": True})
+        state = self.root / TRAIN_STATE
+        try:
+            started_from = json.loads(read_metadata(state).get("start_checkpoint", "null")) if state.is_file() else None
+        except Exception:
+            started_from = None
+        if started_from is not None and started_from == meta.get("parent"):
+            state.unlink(missing_ok=True)  # the stage it resumed finished in `path`

@@ -10,18 +10,19 @@ from sparsify.config import RunConfig
 from sparsify.console import log
 from sparsify.data.datasets import check_data
 from sparsify.errors import ModelError, SparsifyError
-from sparsify.io.rundir import RunDir
+from sparsify.io.rundir import TRAIN_STATE, RunDir
+from sparsify.io.sensitivity import SENSITIVITY_FILE
 from sparsify.models.build import build_model, input_size_problem
 from sparsify.stages.run import StageResult, resolve_shapes, save_resolved_config, write_stage
 from sparsify.training.distributed import resolve_device
+from sparsify.training.stage import METRICS_CSV
 
 
 def download(config: RunConfig, *, force: bool = False) -> StageResult:
     """Round 0: build the model with its starting weights and save it."""
     run = RunDir(config.run_dir)
     if run.checkpoints() and not force:
-        raise SparsifyError(f"run folder {run.root} already has checkpoints; pass --force to start it again "
-                            f"(the old checkpoints are deleted) or choose another name:")
+        raise already_started(run)
     started = time.perf_counter()
     resolve_device(config.device)  # a device that is not there is refused before anything is written
     check_data(config.data, num_classes=config.model.num_classes)  # what train would refuse, before anything is written
@@ -35,12 +36,27 @@ def download(config: RunConfig, *, force: bool = False) -> StageResult:
                         weights=config.model.weights, log=log)
     with run.lock("download", create=True):
         if force:
-            for path in run.checkpoints():
-                path.unlink()
-            run.history_path.unlink(missing_ok=True)
+            start_again(run)
+        elif run.checkpoints():  # again under the lock: another download may have written one since
+            raise already_started(run)
         result = write_stage(run, config, command="download", parent=None, model=model, masks={},
                              round_=0, stage="pretrained", metrics={}, started=started,
                              extra_meta={**shapes, "arch": config.model.arch, "weights": config.model.weights})
         save_resolved_config(run, config)
     result.message = f"round 0: {config.model.arch} saved to {result.checkpoint}"
     return result
+
+
+def already_started(run: RunDir) -> SparsifyError:
+    return SparsifyError(f"run folder {run.root} already has checkpoints; pass --force to start it again "
+                         f"(the old checkpoints are deleted) or choose another name:")
+
+
+def start_again(run: RunDir) -> None:
+    """--force: the newest checkpoint first (a kill part-way leaves an older run that still resumes), then the
+    history and what the old stages left beside them (train-state, metrics.csv, sensitivity.json)."""
+    for path in reversed(run.checkpoints()):
+        path.unlink()
+    for name in (TRAIN_STATE, METRICS_CSV, SENSITIVITY_FILE):
+        (run.root / name).unlink(missing_ok=True)
+    run.history_path.unlink(missing_ok=True)

@@ -109,9 +109,12 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
         **carried_meta(base, same_round=same_round),  # permutation, the round's regroup statistics
     }
     meta.update(extra_meta or {})
-    sha = save_checkpoint(path, state, masks, meta, extra=extra_tensors)
     sparsity = model_sparsity(state, masks, build_pattern(pattern_spec))
     seconds = time.perf_counter() - started
+    # what the history line says besides the metadata: the next command under the lock writes that line from
+    # it when this one is killed between making the checkpoint visible and appending the line
+    meta["record"] = {"command": command, "sparsity": round(sparsity, 6), "seconds": round(seconds, 3)}
+    sha = save_checkpoint(path, state, masks, meta, extra=extra_tensors)
     entry = {"time": now(), "command": command, "round": round_, "stage": stage, "checkpoint": path.name,
              "sha256": sha, "sparsity": round(sparsity, 6), "metrics": metrics, "seconds": round(seconds, 3)}
     try:

@@ -3,6 +3,7 @@ finished stage."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 from sparsify.config import RunConfig
@@ -14,7 +15,7 @@ from sparsify.stages.download import download
 from sparsify.stages.prune import prune
 from sparsify.stages.run import StageResult
 from sparsify.stages.train import train
-from sparsify.training.distributed import distributed_session, run_on_main
+from sparsify.training.distributed import distributed_session, main_holds, run_on_main
 
 
 def next_step(run: RunDir, config: RunConfig) -> str:
@@ -47,10 +48,21 @@ def run_schedule(config: RunConfig, *, echo=log) -> list[StageResult]:
 
 def schedule_stages(config: RunConfig, *, echo=log) -> list[StageResult]:
     """The loop of `run_schedule`: download and prune on rank 0 only, train on every rank."""
+    with ExitStack() as held:
+        return scheduled_stages(config, held, echo=echo)
+
+
+def scheduled_stages(config: RunConfig, held: ExitStack, *, echo=log) -> list[StageResult]:
+    """The stages, under the run's lock from the moment the run folder exists (download makes it, and
+    validates the data before writing anything), so no other command gets in between two of them."""
     results: list[StageResult] = []
     run = RunDir(config.run_dir)
     sched = config.schedule
+    locked = False
     for _ in range(2 * sched.max_rounds + 4):
+        if not locked and run_on_main(run.root.is_dir):
+            held.enter_context(main_holds(run.lock("run")))
+            locked = True
         step = run_on_main(next_step, run, config)  # every rank follows rank 0's reading of the run folder
         if step == "done":
             return results

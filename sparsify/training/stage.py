@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparsify.io.checkpoint import describe_nonfinite, nonfinite_entries
-from sparsify.io.rundir import RunDir
+from sparsify.io.rundir import TRAIN_STATE, RunDir
 from sparsify.config import RunConfig, config_hash
 from sparsify.training.distributed import (DistInfo, check_masks_agree, gather_objects, reduce_sums, run_on_every_rank,
                                            run_on_main)
@@ -31,7 +31,6 @@ from sparsify.training.trainer import LoopOptions, OptimConfig, Position, Traine
 from sparsify.training.log import TrainLog, drop_rows_after
 from sparsify.training.state import TrainState, capture_rng, read_train_state, restore_rng, save_train_state
 
-TRAIN_STATE = "train-state.safetensors"
 METRICS_CSV = "metrics.csv"
 
 
