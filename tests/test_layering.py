@@ -23,7 +23,7 @@ LAYERS = [
     ["methods", "rounds", "runtime"],  # how masks behave while training; prune-round hooks; sparse execution
     ["stages"],  # download, prune, train, eval, run: short recipes over everything below
     ["report"],  # tables, checks and figures of a run
-    ["cli", "cli_errors", "__main__"],  # the command line
+    ["cli", "cli_config", "cli_errors", "__main__"],  # the command line
 ]
 RANK = {name: index for index, names in enumerate(LAYERS) for name in names}
 

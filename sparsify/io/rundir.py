@@ -18,7 +18,7 @@ from sparsify.io.files import append_bytes, write_failure
 _NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # io.files.temporary_path: .NAME.PID.tmp
 TRAIN_STATE = "train-state.safetensors"
-_HELD: set[str] = set()  # the run locks this process holds (resolved lock file paths)
+_HELD: set[str] = set()  # run locks this process holds for its stages (resolved lock file paths)
 
 
 class RunDir:
@@ -108,9 +108,9 @@ class RunDir:
                                   "folder you can write") from None
 
     @contextmanager
-    def lock(self, command: str, *, create: bool = False) -> Iterator[None]:
-        """Hold the run's lock for the duration of one command (released even on a crash). Taken again in
-        the process that holds it (the stages of `run` inside its lock), it is already held: nothing to do."""
+    def lock(self, command: str, *, create: bool = False, for_stages: bool = False) -> Iterator[None]:
+        """Hold the run's lock for the duration of one command (released even on a crash). With `for_stages`
+        (`run` around its stages), the stages this process runs meanwhile find it held and go on under it."""
         key = str(self.lock_path.resolve())
         if key in _HELD:
             yield
@@ -138,7 +138,8 @@ class RunDir:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
-            _HELD.add(key)
+            if for_stages:
+                _HELD.add(key)
             self.tidy_after_crash()
             yield
         finally:

@@ -61,7 +61,7 @@ def scheduled_stages(config: RunConfig, held: ExitStack, *, echo=log) -> list[St
     locked = False
     for _ in range(2 * sched.max_rounds + 4):
         if not locked and run_on_main(run.root.is_dir):
-            held.enter_context(main_holds(run.lock("run")))
+            held.enter_context(main_holds(run.lock("run", for_stages=True)))
             locked = True
         step = run_on_main(next_step, run, config)  # every rank follows rank 0's reading of the run folder
         if step == "done":
