@@ -102,3 +102,14 @@ def test_run_holds_the_lock_between_its_stages_and_its_stages_take_it_again(work
     assert seen and all(code == 1 and "is in use by pid" in err and "(run)" in err for code, err in seen), seen
     with RunDir(config.run_dir).lock("after"):  # released at the end
         pass
+
+
+def test_a_checkpoint_copied_in_by_hand_gets_no_history_line(workdir):
+    run = started_run(workdir)
+    first = run.checkpoints()[0]
+    copy = run.checkpoints_dir / "009-r05-trained.safetensors"
+    copy.write_bytes(first.read_bytes())  # another parent, another stage than its name says
+    lines = run.history_path.read_text()
+    with run.lock("test"):
+        pass
+    assert run.history_path.read_text() == lines

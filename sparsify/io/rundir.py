@@ -171,8 +171,11 @@ class RunDir:
         except Exception:  # unreadable: loading it says why
             return
         record = meta.get("record")
-        if not isinstance(record, dict):
-            return
+        recorded = [e.get("checkpoint") for e in self.readable_history()[0] if e.get("stage") != "eval"]
+        found = _NAME.match(path.name)
+        if (not isinstance(record, dict) or meta.get("parent") != (recorded[-1] if recorded else None)
+                or found is None or found.group(3) != meta.get("stage")):
+            return  # not the next stage of this run as written by it (a copy put there by hand): left as it is
         self.append_history({"time": meta.get("created"), "command": record.get("command"), "round": meta.get("round"),
                              "stage": meta.get("stage"), "checkpoint": path.name, "sha256": MappedFile(path, sha256=True).sha256(),
                              "sparsity": record.get("sparsity"), "metrics": meta.get("metrics"),
