@@ -91,6 +91,12 @@ def save(root: str, key: str, data: dict) -> None:
     os.replace(f"{path}.tmp", path)
 
 
+def saved_reference(root: str) -> dict:
+    """The dense reference's figures recorded so far, keyed by epoch (JSON keeps the keys as text)."""
+    done = saved(root, "dense-reference") or {"acc1_per_epoch": {}, "acc1_final": {}}
+    return {part: {int(epoch): value for epoch, value in done[part].items()} for part in done}
+
+
 def check_settings(root: str, args) -> None:
     """A work folder resumes only the run it was made for: the figures depend on these settings."""
     wanted = {name: getattr(args, name) for name in SETTINGS}
@@ -291,8 +297,7 @@ def dense_reference(root: str, base: dict, args, upto: int) -> dict:
     from sparsify.threads import apply_threads
 
     apply_threads("auto")
-    done = saved(root, "dense-reference") or {"acc1_per_epoch": {}, "acc1_final": {}}
-    done = {part: {int(epoch): value for epoch, value in done[part].items()} for part in done}
+    done = saved_reference(root)
     config = branch(root, base, "dense-reference", {})
     for epoch in range(args.dense_epochs + len(done["acc1_per_epoch"]) + 1, upto + 1):
         if epochs_trained(config, args.dense_epochs) < epoch:  # else trained but not recorded: read it back
@@ -480,8 +485,7 @@ def recorded(args, plan: list[tuple[str, str]], threads: int, started: float) ->
         state = saved(args.workdir, f"{name}@{target}")
         if state is not None:
             arms[f"{name}@{target}"] = {**state, "finished": "acc1_final" in state}
-    reference = saved(args.workdir, "dense-reference") or {"acc1_per_epoch": {}, "acc1_final": {}}
-    reference = {part: {int(epoch): value for epoch, value in reference[part].items()} for part in reference}
+    reference = saved_reference(args.workdir)
     complete = all(arm["finished"] for arm in arms.values()) and len(arms) == len(plan)
     return result_of(args, threads, saved(args.workdir, "dense"), saved(args.workdir, "dense-sensitivity"), arms,
                      reference, started, complete=complete)
@@ -505,7 +509,8 @@ def result_of(args, threads: int, dense: dict, scanned: dict | None, arms: dict,
             "dense_reference": reference, "goals": met, "lever_effects": lever_effects(arms),
             "channel_vs_8x8_at_50": channel_beside_blocks(arms), "checks": check,
             "target": "after-prune top-1 with BN >= 85%; final >= dense - 0.3 (50%), - 0.6 (75%)",
-            "complete": complete, "pass": complete and all_met and check["block_arms_on_target"], "wall_s": round(time.perf_counter() - started, 1)}
+            "complete": complete, "pass": complete and all_met and check["block_arms_on_target"],
+            "wall_s": round(time.perf_counter() - started, 1)}
 
 
 if __name__ == "__main__":

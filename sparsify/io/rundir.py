@@ -21,6 +21,14 @@ TRAIN_STATE = "train-state.safetensors"
 _HELD: set[str] = set()  # run locks this process holds for its stages (resolved lock file paths)
 
 
+def history_entry(meta: dict, checkpoint: str, sha256: str, time: str) -> dict:
+    """The history.jsonl line of a checkpoint, from its metadata and the `record` it carries."""
+    record = meta["record"]
+    return {"time": time, "command": record["command"], "round": meta["round"], "stage": meta["stage"],
+            "checkpoint": checkpoint, "sha256": sha256, "sparsity": record["sparsity"], "metrics": meta["metrics"],
+            "seconds": record["seconds"]}
+
+
 class RunDir:
     """The run folder: checkpoints/, history.jsonl, config.yaml and the lock."""
 
@@ -161,25 +169,23 @@ class RunDir:
             self.record_unrecorded(latest)
 
     def record_unrecorded(self, path: Path) -> None:
-        """Append the history line `write_stage` did not get to write for checkpoint `path` (one it wrote
-        whole: it carries `record`; a file put there by hand is left as it is)."""
+        """Append the history line `write_stage` did not get to write for checkpoint `path`, when it is the
+        run's next stage as written by it: it carries `record`, its parent is the last recorded checkpoint and
+        its name's stage is its own (a copy put there by hand is left as it is)."""
         from sparsify.io.checkpoint import decode_metadata, read_metadata
         from sparsify.io.tensorfile import MappedFile
 
+        recorded = [e.get("checkpoint") for e in self.readable_history()[0] if e.get("stage") != "eval"]
+        named = _NAME.match(path.name)
         try:
             meta = decode_metadata(read_metadata(path), path)
-        except Exception:  # unreadable: loading it says why
+            entry = history_entry(meta, path.name, MappedFile(path, sha256=True).sha256(), meta.get("created"))
+        except Exception:  # unreadable, or written without a record: loading it says what is wrong
             return
-        record = meta.get("record")
-        recorded = [e.get("checkpoint") for e in self.readable_history()[0] if e.get("stage") != "eval"]
-        found = _NAME.match(path.name)
-        if (not isinstance(record, dict) or meta.get("parent") != (recorded[-1] if recorded else None)
-                or found is None or found.group(3) != meta.get("stage")):
-            return  # not the next stage of this run as written by it (a copy put there by hand): left as it is
-        self.append_history({"time": meta.get("created"), "command": record.get("command"), "round": meta.get("round"),
-                             "stage": meta.get("stage"), "checkpoint": path.name, "sha256": MappedFile(path, sha256=True).sha256(),
-                             "sparsity": record.get("sparsity"), "metrics": meta.get("metrics"),
-                             "seconds": record.get("seconds"), "recorded_after_a_crash": True})
+        next_stage = meta.get("parent") == (recorded[-1] if recorded else None)
+        if not next_stage or named is None or named.group(3) != entry["stage"]:
+            return
+        self.append_history({**entry, "recorded_after_a_crash": True})
         state = self.root / TRAIN_STATE
         try:
             started_from = json.loads(read_metadata(state).get("start_checkpoint", "null")) if state.is_file() else None

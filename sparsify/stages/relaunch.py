@@ -16,7 +16,8 @@ NEEDS_CHECKPOINT = ("train", "sensitivity")  # `run` starts a run folder itself
 
 def check_before_launch(command: str, config: Optional[Path], overrides: Optional[list[str]]) -> None:
     """The config, and for a command that needs one the run folder: there, writable, not in use, with a
-    checkpoint of the config's model and pattern. Checked before any process starts, so a mistake reads as one line, not one per process."""
+    checkpoint of the config's model and pattern. Checked before any process starts, so a mistake reads as
+    one line, not one per process."""
     resolved = load_config(config, overrides or [])  # quietly: rank 0 notes the defaults
     if command in NEEDS_CHECKPOINT:
         run = RunDir(resolved.run_dir)

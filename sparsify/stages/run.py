@@ -19,7 +19,7 @@ from sparsify.core.patterns import build_pattern, describe_pattern
 from sparsify.errors import SparsifyError
 from sparsify.io.checkpoint import Checkpoint, save_checkpoint
 from sparsify.io.files import atomic_write_bytes
-from sparsify.io.rundir import RunDir
+from sparsify.io.rundir import RunDir, history_entry
 from sparsify.io.restore import LoadedRun, load_run
 from sparsify.registry import DATASETS
 from sparsify.rounds.hooks import carried_meta
@@ -115,8 +115,7 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
     # it when this one is killed between making the checkpoint visible and appending the line
     meta["record"] = {"command": command, "sparsity": round(sparsity, 6), "seconds": round(seconds, 3)}
     sha = save_checkpoint(path, state, masks, meta, extra=extra_tensors)
-    entry = {"time": now(), "command": command, "round": round_, "stage": stage, "checkpoint": path.name,
-             "sha256": sha, "sparsity": round(sparsity, 6), "metrics": metrics, "seconds": round(seconds, 3)}
+    entry = history_entry(meta, path.name, sha, now())
     try:
         run.append_history(entry)
     except SparsifyError:  # no checkpoint without its history line: the next stage would take it unchecked

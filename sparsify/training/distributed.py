@@ -357,8 +357,9 @@ def launch(argv: list[str], *, nproc: int, quiet: bool = True) -> None:
     """Run `python -m sparsify <argv>` in `nproc` local processes through torch.distributed.run.
 
     Each process gets OMP_NUM_THREADS = max(1, (usable CPUs - 1) // nproc), the `auto` rule shared out, unless
-    it is set (torch.distributed.run would set 1 and warn); `quiet` keeps the launcher's own log lines (a rank's exit code, the SIGTERMs it sends to
-    the others) off stderr, since every failing rank has said why and the last line sums it up.
+    it is set (torch.distributed.run would set 1 and warn); `quiet` keeps the launcher's own log lines (a
+    rank's exit code, the SIGTERMs it sends to the others) off stderr, since every failing rank has said why
+    and the last line sums it up.
     """
     import logging
 
