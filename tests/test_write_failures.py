@@ -21,7 +21,7 @@ import torch
 
 from sparsify.errors import WriteFailed
 from sparsify.io.checkpoint import load_checkpoint, save_checkpoint
-from sparsify.io.files import append_bytes, atomic_write_bytes, write_failure
+from sparsify.io.files import append_lines, atomic_write_bytes, write_failure
 from sparsify.io.rundir import RunDir
 from sparsify.training.log import append_row, read_rows
 
@@ -40,9 +40,10 @@ def limited(max_bytes: int, *, ignore_sigxfsz: bool):
     return apply
 
 
-def sparsify_limited(command: str, max_bytes: int, *, ignore_sigxfsz: bool = True) -> subprocess.CompletedProcess:
+def sparsify_limited(command: str, max_bytes: int, *options: str,
+                     ignore_sigxfsz: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "sparsify", command, "-c", "tiny.yaml"], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "sparsify", command, "-c", "tiny.yaml", *options], env=env, text=True,
                           capture_output=True, timeout=300, preexec_fn=limited(max_bytes, ignore_sigxfsz=ignore_sigxfsz))
 
 
@@ -83,6 +84,23 @@ def test_prune_past_the_file_size_limit_changes_nothing_and_a_rerun_works(workdi
     history = RunDir(RUN).history()
     assert [e["checkpoint"] for e in history] == [pretrained.name, pruned.name]
     load_checkpoint(pruned, expected_sha256=history[-1]["sha256"])
+
+
+def test_download_force_past_the_file_size_limit_keeps_the_old_run(workdir, cli):
+    for command in ("download", "prune"):
+        assert cli(command, "-c", "tiny.yaml")[0] == 0, command
+    pretrained = RUN / "checkpoints" / "000-r00-pretrained.safetensors"
+    before = snapshot(RUN)
+
+    done = sparsify_limited("download", pretrained.stat().st_size - 1, "--force")  # the new round 0 does not fit
+
+    assert done.returncode == 1
+    assert "nothing was changed" in the_error_line(done.stderr)
+    assert temporary_files(RUN) == []
+    assert snapshot(RUN) == before  # both checkpoints and the history, byte for byte: the run still goes on
+
+    assert cli("download", "-c", "tiny.yaml", "--force")[0] == 0
+    assert [e["checkpoint"] for e in RunDir(RUN).history()] == [pretrained.name]
 
 
 @pytest.mark.parametrize("tiny_sections", [{"train": {"save_every_steps": 1}, "sparsity": {"target": 0.75}}])
@@ -171,10 +189,19 @@ def test_an_append_cut_short_is_taken_back_whole(tmp_path):
     assert csv_path.read_bytes() == rows
 
 
+def test_a_line_appended_after_a_last_line_without_its_newline_starts_a_line_of_its_own(tmp_path):
+    path = tmp_path / "history.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": 2}')  # edited by hand, saved without the final newline
+    append_lines(path, b'{"c": 3}\n')
+    assert path.read_bytes() == b'{"a": 1}\n{"b": 2}\n{"c": 3}\n'
+    append_lines(path, b'{"d": 4}\n')  # a complete last line gets nothing added
+    assert path.read_bytes().splitlines()[-2:] == [b'{"c": 3}', b'{"d": 4}']
+
+
 def test_a_file_the_limit_stops_at_once_is_not_left_behind(tmp_path):
     with file_size_limit(0):
         with pytest.raises(WriteFailed):
-            append_bytes(tmp_path / "new.jsonl", b"{}\n")
+            append_lines(tmp_path / "new.jsonl", b"{}\n")
         with pytest.raises(WriteFailed):
             atomic_write_bytes(tmp_path / "config.yaml", b"name: x\n")
     assert os.listdir(tmp_path) == []
@@ -183,7 +210,7 @@ def test_a_file_the_limit_stops_at_once_is_not_left_behind(tmp_path):
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_no_space_left_names_the_file_and_the_fix():
     with pytest.raises(WriteFailed) as info:
-        append_bytes(Path("/dev/full"), b"x" * 100)
+        append_lines(Path("/dev/full"), b"x" * 100)
     assert str(info.value) == ("could not write /dev/full: no space left on device; nothing was changed: "
                                "free space and run the command again")
 

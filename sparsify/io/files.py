@@ -120,21 +120,39 @@ def atomic_write(path: Path, chunks: Sequence, *, sha256: bool = False) -> str |
     return hasher.hexdigest() if hasher else None
 
 
+def staging_path(path: Path, folder: Path) -> Path:
+    """Where `path` is written in `folder` before `move_into_place` shows it (a temporary name: the next command
+    under the run lock removes it when this process was killed in between)."""
+    return Path(folder) / _temporary_path(Path(path)).name
+
+
+def move_into_place(staged: Path, path: Path) -> None:
+    """Rename the finished file `staged` to `path` (same disk: no space needed) and sync the folder."""
+    try:
+        os.replace(staged, path)
+        _fsync_dir(Path(path).parent)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so a crash leaves either the old file or the new one."""
     atomic_write(path, [data])
 
 
-def append_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
-    """Append `data` to `path` (created if missing); if that fails, the file is left as it was."""
+def append_lines(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Append the lines `data` to the line file `path` (created if missing), after a newline when its last line
+    lacks one (a hand edit) so the two lines are not glued; if that fails, the file is left as it was."""
     path = Path(path)
     existed = path.exists()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         raise write_failure(path, exc) from None
     try:
         size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         _write_all(fd, _byte_views([data]))
         if sync:
             os.fsync(fd)

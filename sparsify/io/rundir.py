@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sparsify.errors import CheckpointError, RunLockedError
-from sparsify.io.files import append_bytes, write_failure
+from sparsify.io.files import append_lines, write_failure
 
 _NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # io.files.temporary_path: .NAME.PID.tmp
@@ -64,6 +64,9 @@ class RunDir:
     def next_checkpoint_path(self, round_: int, stage: str) -> Path:
         found = self.checkpoints()
         index = int(_NAME.match(found[-1].name).group(1)) + 1 if found else 0
+        return self.checkpoint_path(index, round_, stage)
+
+    def checkpoint_path(self, index: int, round_: int, stage: str) -> Path:
         return self.checkpoints_dir / f"{index:03d}-r{round_:02d}-{stage}.safetensors"
 
     def history(self) -> list[dict]:
@@ -101,7 +104,7 @@ class RunDir:
 
     def append_history(self, entry: dict) -> None:
         """Append one JSON line and fsync it (whole or absent, also when the disk is full: WriteFailed)."""
-        append_bytes(self.history_path, (json.dumps(entry, sort_keys=False) + "\n").encode())
+        append_lines(self.history_path, (json.dumps(entry, sort_keys=False) + "\n").encode())
 
     def create(self) -> None:
         """Make the run folder, or say in one line why it cannot be made."""

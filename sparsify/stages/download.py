@@ -35,13 +35,12 @@ def download(config: RunConfig, *, force: bool = False) -> StageResult:
     model = build_model(config.model.arch, num_classes=shapes["num_classes"], in_channels=shapes["in_channels"],
                         weights=config.model.weights, log=log)
     with run.lock("download", create=True):
-        if force:
-            start_again(run)
-        elif run.checkpoints():  # again under the lock: another download may have written one since
+        if run.checkpoints() and not force:  # again under the lock: another download may have written one since
             raise already_started(run)
         result = write_stage(run, config, command="download", parent=None, model=model, masks={},
                              round_=0, stage="pretrained", metrics={}, started=started,
-                             extra_meta={**shapes, "arch": config.model.arch, "weights": config.model.weights})
+                             extra_meta={**shapes, "arch": config.model.arch, "weights": config.model.weights},
+                             replacing=(lambda: start_again(run)) if force else None)
         save_resolved_config(run, config)
     result.message = f"round 0: {config.model.arch} saved to {result.checkpoint}"
     return result

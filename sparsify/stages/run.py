@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from sparsify.config import RunConfig, config_hash, config_to_yaml
 from sparsify.core.patterns import build_pattern, describe_pattern
 from sparsify.errors import SparsifyError
 from sparsify.io.checkpoint import Checkpoint, save_checkpoint
-from sparsify.io.files import atomic_write_bytes
+from sparsify.io.files import atomic_write_bytes, move_into_place, staging_path
 from sparsify.io.rundir import RunDir, history_entry
 from sparsify.io.restore import LoadedRun, load_run
 from sparsify.registry import DATASETS
@@ -87,10 +87,15 @@ def model_sparsity(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor
 
 def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpoint | None,
                 model: nn.Module, masks: dict, round_: int, stage: str, metrics: dict,
-                started: float, extra_meta: dict | None = None, extra_tensors: dict | None = None) -> StageResult:
-    """Save the stage's checkpoint and append its history line (`extra_tensors`: e.g. `gumbel.*`)."""
+                started: float, extra_meta: dict | None = None, extra_tensors: dict | None = None,
+                replacing: Callable[[], None] | None = None) -> StageResult:
+    """Save the stage's checkpoint and append its history line (`extra_tensors`: e.g. `gumbel.*`).
+
+    `replacing` (download --force) empties the run: it is called once the checkpoint is written aside, so a write
+    that fails (no space, a file-size limit) leaves the old run as it was; the checkpoint then starts the run.
+    """
     run.make_checkpoints_dir()
-    path = run.next_checkpoint_path(round_, stage)
+    path = run.checkpoint_path(0, round_, stage) if replacing else run.next_checkpoint_path(round_, stage)
     base = parent.meta if parent else {}
     pattern_spec = base.get("pattern") or config.sparsity.pattern.model_dump()
     state = model.state_dict()
@@ -114,12 +119,20 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
     # what the history line says besides the metadata: the next command under the lock writes that line from
     # it when this one is killed between making the checkpoint visible and appending the line
     meta["record"] = {"command": command, "sparsity": round(sparsity, 6), "seconds": round(seconds, 3)}
-    sha = save_checkpoint(path, state, masks, meta, extra=extra_tensors)
+    if replacing:
+        staged = staging_path(path, run.root)
+        sha = save_checkpoint(staged, state, masks, meta, extra=extra_tensors)
+        replacing()
+        move_into_place(staged, path)
+    else:
+        sha = save_checkpoint(path, state, masks, meta, extra=extra_tensors)
     entry = history_entry(meta, path.name, sha, now())
     try:
         run.append_history(entry)
-    except SparsifyError:  # no checkpoint without its history line: the next stage would take it unchecked
+    except SparsifyError as exc:  # no checkpoint without its history line: the next stage would take it unchecked
         path.unlink(missing_ok=True)
+        if replacing:
+            raise SparsifyError(str(exc).replace("nothing was changed", "the old checkpoints were already deleted"))
         raise
     return StageResult(command, round_, stage, path, sparsity, metrics, seconds)
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from sparsify.io.files import append_bytes, atomic_write_bytes
+from sparsify.io.files import append_lines, atomic_write_bytes
 from sparsify.training.distributed import current_info, reduce_sums
 from sparsify.errors import SparsifyError
 
@@ -141,7 +141,7 @@ def append_row(path: Path, row: dict) -> None:
     if not path.is_file():
         writer.writeheader()
     writer.writerow(row)
-    append_bytes(path, buffer.getvalue().encode(), sync=False)  # a log: the train-state is what resumes
+    append_lines(path, buffer.getvalue().encode(), sync=False)  # a log: the train-state is what resumes
 
 
 def read_rows(path: Path) -> list[dict]:
