@@ -6,7 +6,6 @@ so `sparsify --help` stays fast.
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from sparsify.cli_config import load, load_stage, relaunch, with_threads
-from sparsify.cli_errors import DEBUG_ENV, fail, reports_errors, say
+from sparsify.cli_errors import DEBUG_ENV, fail, note, reports_errors, say
 
 app = typer.Typer(
     name="sparsify",
@@ -80,7 +79,7 @@ def print_version(value: bool) -> None:
             found.append(f"{package} {version(package)}")
         except PackageNotFoundError:
             found.append(f"{package} not installed")
-    typer.echo(f"sparsify {__version__} ({', '.join(found)}, python {platform.python_version()})")
+    say(f"sparsify {__version__} ({', '.join(found)}, python {platform.python_version()})")
     raise typer.Exit()
 
 
@@ -247,7 +246,7 @@ def report(
         target = load(config, set_).run_dir
     published = publish_report(target, format_.value, output=output, plot_dir=plot, layers=layers)
     for message in published.messages:
-        typer.echo(message, err=True)
+        note(message)
     if published.text is not None:
         say(published.text)
 
@@ -341,7 +340,7 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Validate a config and print it resolved (defaults filled in, overrides applied)."""
     from sparsify.config import config_to_yaml
 
-    sys.stdout.write(config_to_yaml(load(config, set_)))
+    say(config_to_yaml(load(config, set_)).rstrip("\n"))
 
 
 def main() -> None:

@@ -3,16 +3,21 @@ SPARSIFY_DEBUG=1, or for a bug), results on stdout and remarks on stderr from ra
 
 from __future__ import annotations
 
+import sys
 from functools import wraps
 
 import click
 import typer
 
+from sparsify.console import reader_gone, stop_writing_to, write_line
 from sparsify.errors import SparsifyError
 
 
 def fail(message: str, code: int) -> None:
-    typer.secho(f"error: {message}" if code == 1 else message, err=True, fg="red" if code == 1 else "yellow")
+    try:
+        typer.secho(f"error: {message}" if code == 1 else message, err=True, fg="red" if code == 1 else "yellow")
+    except OSError:  # nobody reads stderr any more (or it is a full disk): the exit code still tells
+        stop_writing_to(sys.stderr)
     raise typer.Exit(code)
 
 
@@ -43,11 +48,21 @@ def reports_errors(func):
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
         except Exception as exc:
+            if isinstance(exc, BrokenPipeError) and reader_went_away():  # as when killed by SIGPIPE: 128 + 13
+                raise typer.Exit(141) from None
             if debugging():
                 raise
             fail(unexpected_line(exc), 1)
 
     return wrapper
+
+
+def reader_went_away() -> bool:
+    """True when stdout's or stderr's reader has gone (`| head` done reading); nothing more is written there."""
+    gone = [stream for stream in (sys.stdout, sys.stderr) if reader_gone(stream)]
+    for stream in gone:
+        stop_writing_to(stream)
+    return bool(gone)
 
 
 def unexpected_line(exc: Exception) -> str:
@@ -99,7 +114,7 @@ def note(message: str) -> None:
     import os
 
     if os.environ.get("RANK", "0") == "0":
-        typer.echo(message, err=True)
+        write_line(message, sys.stderr)
 
 
 def say(message: str) -> None:
@@ -107,4 +122,4 @@ def say(message: str) -> None:
     import os
 
     if os.environ.get("RANK", "0") == "0":
-        typer.echo(message)
+        write_line(message, sys.stdout)

@@ -5,11 +5,49 @@ from __future__ import annotations
 import os
 import sys
 
+from sparsify.errors import SparsifyError
+
 
 def log(message: str) -> None:
     """Progress for people, on stderr; under torchrun only rank 0 speaks."""
     if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
+        write_line(message, sys.stderr)
+
+
+def write_line(message: str, stream) -> None:
+    """Print one line to `stream`; once its reader has gone (`| head` that finished, `| true`), this and later
+    output are dropped and the command goes on: what it writes to the run folder is its result."""
+    try:
+        print(message, file=stream, flush=True)
+    except BrokenPipeError:
+        stop_writing_to(stream)
+    except OSError as exc:  # e.g. redirected to a full disk
+        name = {sys.stdout: "standard output", sys.stderr: "standard error"}.get(stream, "the output")
+        stop_writing_to(stream)
+        raise SparsifyError(f"could not write to {name}: {exc.strerror or exc}; redirect it to a file on a disk "
+                            "with space (or to /dev/null) and run the command again") from None
+
+
+def stop_writing_to(stream) -> None:
+    """Send later output to `stream` (and its flush at exit) to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (a test's captured stream)
+        pass
+
+
+def reader_gone(stream) -> bool:
+    """True when `stream` is a pipe whose reading end has been closed."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), 0)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class Progress:

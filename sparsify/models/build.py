@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparsify.console import write_line
 from sparsify.errors import ModelError
 from sparsify.models.tvmodels import (
     FIXED_SIZE_PREFIXES,
@@ -45,7 +46,7 @@ UNKNOWN_ARCH_HINT = (
 
 def print_to_stderr(message: str) -> None:
     """Write one log line to stderr."""
-    print(message, file=sys.stderr, flush=True)
+    write_line(message, sys.stderr)
 
 
 # ----------------------------------------------------------------------------- built-in models
