@@ -88,13 +88,16 @@ def cli():
 
 def saver_at(path: Path, step: int, *, epochs: int):
     """A train loop's `save_state` that writes the train-state at `step` (and at no other step)."""
+    from sparsify.training.distributed import current_info
     from sparsify.training.state import TrainState, capture_rng, save_train_state
 
     def keep(trainer, position):  # written at once: the optimizer's buffers keep changing afterwards
         if position.step == step:
-            save_train_state(path, TrainState("c", "s", "h", epochs, 1, position.epoch, position.batch, position.step,
-                                              trainer.model.state_dict(), dict(trainer.enforcer.masks),
-                                              trainer.parts(), [capture_rng()]))
+            parts = trainer.parts(trainer.counters_over_ranks())  # every rank sums; rank 0 writes
+            if current_info().rank == 0:
+                save_train_state(path, TrainState("c", "s", "h", epochs, 1, position.epoch, position.batch,
+                                                  position.step, trainer.model.state_dict(),
+                                                  dict(trainer.enforcer.masks), parts, [capture_rng()]))
 
     return keep
 

@@ -1,7 +1,7 @@
 """A tiny deterministic train run whose every step's loss is recorded next to metrics.csv.
 
 Run in-process by tests/test_metrics_rows.py, and as a script under torch.distributed.run (gloo,
-2 processes) for the rows summed over ranks: `python loss_window_ranks.py OUT_DIR`.
+2 processes) for the rows summed over ranks and an epoch resumed part-way: `python loss_window_ranks.py OUT_DIR`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def recorded_steps(steps: list) -> None:
     Trainer.step = step
 
 
-def tiny_run(csv_path: Path, *, epochs: int = 3, save_state=None, resume=None, log_every: int = 3) -> None:
-    """Three epochs of a small masked CNN on fixed random data, a metrics row every `log_every` steps."""
+def tiny_run(csv_path: Path, *, epochs: int = 3, save_state=None, resume=None, log_every: int = 3) -> dict:
+    """Three epochs of a small masked CNN on fixed random data, a metrics row every `log_every` steps; the last
+    epoch's metrics."""
     info = current_info()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
@@ -50,18 +51,27 @@ def tiny_run(csv_path: Path, *, epochs: int = 3, save_state=None, resume=None, l
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler, generator=torch.Generator().manual_seed(0))
     log = TrainLog(csv_path=csv_path, round_=1, start="s")
     options = LoopOptions(log_every=log_every, save_every_steps=4 if save_state else None)
-    train_epochs(model, loader, enforcer=enforcer, cfg=OptimConfig(lr=0.1), epochs=epochs,
-                 device=torch.device("cpu"), options=options, train_log=log, save_state=save_state, resume=resume)
+    return train_epochs(model, loader, enforcer=enforcer, cfg=OptimConfig(lr=0.1), epochs=epochs,
+                        device=torch.device("cpu"), options=options, train_log=log, save_state=save_state,
+                        resume=resume)
 
 
 def main(out: Path) -> None:
     import torch.distributed as dist
 
+    from conftest import resume_from, saver_at
+
     dist.init_process_group("gloo")
     steps: list = []
     recorded_steps(steps)
-    tiny_run(out / "metrics.csv")
+    whole = tiny_run(out / "metrics.csv")
     (out / f"steps-{dist.get_rank()}.json").write_text(json.dumps(steps))
+    state = out / "train-state.safetensors"
+    tiny_run(out / "first.csv", save_state=saver_at(state, 16, epochs=3))  # mid-window, mid-way through epoch 3
+    dist.barrier()
+    resumed = tiny_run(out / "resumed.csv", resume=resume_from(state))
+    if dist.get_rank() == 0:
+        (out / "last-epoch.json").write_text(json.dumps({"whole": whole, "resumed": resumed}))
     dist.destroy_process_group()
 
 

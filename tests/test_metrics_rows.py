@@ -1,5 +1,6 @@
 """Every metrics.csv row's loss is the mean per-image loss of the steps since the previous row:
-across epochs, after a resume, summed over ranks; and the quickstart's rows are all plausible."""
+across epochs, after a resume, summed over ranks; an epoch resumed part-way reports all its batches; and the
+quickstart's rows are all plausible."""
 
 import json
 import math
@@ -63,6 +64,14 @@ def test_a_resumed_stage_writes_the_rows_of_an_uninterrupted_one(tmp_path, steps
     assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in full], abs=1e-6)
 
 
+def test_an_epoch_resumed_part_way_reports_the_loss_and_top1_of_all_its_batches(tmp_path, steps):
+    whole = tiny_run(tmp_path / "full.csv")
+    path = tmp_path / "train-state.safetensors"
+    tiny_run(tmp_path / "first.csv", save_state=saver_at(path, 28, epochs=3))  # 6 of the last epoch's 11 batches
+    resumed = tiny_run(tmp_path / "resumed.csv", resume=resume_from(path))
+    assert (resumed["loss"], resumed["acc1"]) == pytest.approx((whole["loss"], whole["acc1"]), abs=1e-9)
+
+
 def test_a_resume_saved_after_an_epochs_last_batch_goes_on_with_the_next_epoch(tmp_path, steps):
     def resume(trainer):
         return Position(epoch=0, batch=11, step=11)
@@ -84,6 +93,11 @@ def test_rows_sum_the_windows_of_every_rank(tmp_path):
     assert len(per_rank[0]) == len(per_rank[1]) == 18 and per_rank[0] != per_rank[1]
     assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15, 18]
     assert [float(r["loss"]) for r in rows] == pytest.approx(expected_losses(rows, per_rank), abs=1e-6)
+    resumed = read_rows(tmp_path / "resumed.csv")  # the windows and the epoch's sums: totals over both ranks
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in rows if int(r["step"]) > 16]
+    last = json.loads((tmp_path / "last-epoch.json").read_text())
+    assert (last["resumed"]["loss"], last["resumed"]["acc1"]) == pytest.approx(
+        (last["whole"]["loss"], last["whole"]["acc1"]), abs=1e-9)
 
 
 def test_the_quickstart_writes_only_plausible_rows(tmp_path, monkeypatch):

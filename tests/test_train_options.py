@@ -91,7 +91,7 @@ def test_masked_weights_stay_exactly_zero_under_amp_clipping_and_channels_last(a
 def test_callbacks_see_every_step_and_their_mask_changes_are_the_final_masks():
     recorder = Recorder()
     saved = []
-    _, enforcer, _ = tiny_run("none", callbacks=[recorder], save_state=lambda tr, pos: saved.append((pos, tr.parts())))
+    _, enforcer, _ = tiny_run("none", callbacks=[recorder], save_state=lambda tr, pos: saved.append((pos, tr.parts(tr.counters_over_ranks()))))
     assert recorder.calls == ["start", (1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1)]
     assert not bool(enforcer.masks["0.weight"][0, 0])
     assert [p.step for p, _ in saved] == [2, 4, 6] and saved[0][1]["callbacks"] == [{"calls": 3}]

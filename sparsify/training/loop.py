@@ -144,7 +144,9 @@ def train_epoch(trainer: Trainer, batches: Iterable, *, position: Position, per_
     """
     trainer.wrapped.train()
     device, options = trainer.device, trainer.options
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n over the epoch
+    sums = trainer.epoch_sums  # loss * n, correct, n over the epoch: restored by a resume within it
+    if position.batch == 0:
+        sums.zero_()
     timer = StepTimer()
     batch, step = position.batch, position.step
     for images, target in batches:

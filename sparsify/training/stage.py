@@ -171,10 +171,11 @@ def make_saver(path: Path, identity: dict, info: DistInfo, pattern) -> Callable[
         check_finite(trainer.model, trainer.device, where=f"epoch {position.epoch + 1}, step {position.step}")
         run_on_every_rank(check_no_drift, trainer.model, trainer.enforcer, pattern, rank=info.rank)
         check_masks_agree(trainer.enforcer.masks)
+        counters = trainer.counters_over_ranks()
         run_on_main(lambda: save_train_state(path, TrainState(  # a failed write stops every rank
             **identity, world_size=info.world_size, epoch=position.epoch, batch=position.batch,
             step=position.step, model=trainer.model.state_dict(), masks=dict(trainer.enforcer.masks),
-            parts=trainer.parts(), rng=rng)))
+            parts=trainer.parts(counters), rng=rng)))
 
     return save
 

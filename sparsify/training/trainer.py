@@ -14,12 +14,14 @@ from torch import nn
 
 from sparsify.core.masks import MaskEnforcer
 from sparsify.errors import SparsifyError
+from sparsify.training.distributed import current_info, reduce_sums
 
 if TYPE_CHECKING:
     from sparsify.training.distill import Distiller
 
 AUX_LOSS_WEIGHT = 0.4  # inception_v3 / googlenet auxiliary heads, as in torchvision's references
 GIVE_UP_SCALE = 1.0  # fp16: a step skipped at this loss scale or below overflows even unscaled
+COUNTERS = ("log_window", "epoch_sums")  # the Trainer's running (loss * n, correct, n) sums kept in a train-state
 
 
 class NonFinite(Exception):
@@ -161,7 +163,8 @@ class Trainer:
     callbacks: list = field(default_factory=list)
     ema: object | None = None
     distiller: Distiller | None = None  # knowledge distillation: a frozen teacher blended into the loss
-    log_window: torch.Tensor | None = None  # loss * n, correct, n since the last metrics row
+    log_window: torch.Tensor | None = None  # loss * n, correct, n since the last metrics row (this rank)
+    epoch_sums: torch.Tensor | None = None  # loss * n, correct, n since the epoch began (this rank)
     wrapped: nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     scaler: object | None = None
@@ -173,6 +176,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.options.label_smoothing)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.log_window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     def step(self, images: torch.Tensor, target: torch.Tensor, *, lr: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step with masks exact; returns the (detached) loss, the logits and
@@ -220,11 +224,17 @@ class Trainer:
         for callback in self.callbacks:
             callback.after_step(step, epoch, self.model, self.enforcer)
 
-    def parts(self) -> dict:
-        """Nested state of everything besides weights and masks (for the train-state)."""
+    def counters_over_ranks(self) -> dict:
+        """The metrics window and the epoch's sums, summed over ranks (every rank calls this) for the train-state:
+        a resumed epoch's loss and top-1 then cover the batches before the resume too."""
+        return {name: torch.tensor(reduce_sums(getattr(self, name).tolist(), self.device), dtype=torch.float64)
+                for name in COUNTERS}
+
+    def parts(self, counters: dict) -> dict:
+        """Nested state of everything besides weights and masks (for the train-state); `counters`: from
+        `counters_over_ranks`."""
         parts = {"optimizer": self.optimizer.state_dict(),
-                 "callbacks": [callback.state_dict() for callback in self.callbacks],
-                 "log_window": self.log_window.clone()}
+                 "callbacks": [callback.state_dict() for callback in self.callbacks], **counters}
         if self.scaler is not None:
             parts["scaler"] = self.scaler.state_dict()
         if self.ema is not None:
@@ -241,8 +251,10 @@ class Trainer:
             self.scaler.load_state_dict(parts["scaler"])
         if self.ema is not None and "ema" in parts:
             self.ema.load_state_dict(parts["ema"])
-        if "log_window" in parts:  # train-states written before the window was saved lack it
-            self.log_window.copy_(parts["log_window"])
+        first = current_info().rank == 0
+        for name in COUNTERS:  # totals over ranks: rank 0 carries them, the others start from zero
+            if name in parts:  # train-states written before these counters were saved lack them
+                getattr(self, name).copy_(parts[name] if first else torch.zeros_like(parts[name]))
 
 
 def finite_on_every_rank(value: torch.Tensor) -> bool:
