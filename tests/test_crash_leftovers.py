@@ -113,3 +113,19 @@ def test_a_checkpoint_copied_in_by_hand_gets_no_history_line(workdir):
     with run.lock("test"):
         pass
     assert run.history_path.read_text() == lines
+
+
+def test_prune_forgets_the_rows_of_a_train_stage_abandoned_on_the_same_checkpoint(workdir):
+    from sparsify.training.log import append_row, read_rows
+
+    run = started_run(workdir)
+    code, _, err = invoke("train", "-c", "tiny.yaml")
+    assert code == 0, err
+    trained = run.latest().name
+    kept = read_rows(run.root / "metrics.csv")
+    for step in (1, 2):  # a train stage from the trained checkpoint, killed before it wrote one
+        append_row(run.root / "metrics.csv", {"time": 1, "round": 1, "start": trained, "epoch": 0, "step": step,
+                                              "loss": 1.5, "lr": 0.01, "images_per_s": 10, "data_wait": 0})
+    code, _, err = invoke("prune", "-c", "tiny.yaml", "--set", "sparsity.target=0.75")
+    assert code == 0, err
+    assert read_rows(run.root / "metrics.csv") == kept and kept

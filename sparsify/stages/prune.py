@@ -10,7 +10,9 @@ from sparsify.core.allocation import check_one_round, layer_targets
 from sparsify.core.masks import MaskEnforcer, full_masks
 from sparsify.core.patterns import build_pattern
 from sparsify.core.prune import LayerRound, PruneSettings, find_layers, prune_round, target_zero_count
+from sparsify.console import log
 from sparsify.errors import SparsifyError, TargetReached
+from sparsify.io.rundir import RunDir
 from sparsify.io.sensitivity import read_curves
 from sparsify.registry import METHODS
 from sparsify.rounds.base import PruneRound
@@ -20,7 +22,9 @@ from sparsify.rounds.rewind import rewind_state
 from sparsify.stages.run import StageResult, checkpoint_loaders, opened_run, save_resolved_config, write_stage
 from sparsify.training.bn import batchnorm_layers, recalibrate_batchnorm_
 from sparsify.training.distributed import resolve_device
+from sparsify.training.log import drop_rows_after
 from sparsify.training.loop import evaluate
+from sparsify.training.stage import METRICS_CSV
 
 
 def prune(config: RunConfig, *, show_eval: bool = False) -> StageResult:
@@ -59,9 +63,19 @@ def prune(config: RunConfig, *, show_eval: bool = False) -> StageResult:
         result = write_stage(run, config, command="prune", parent=loaded.checkpoint, model=loaded.model,
                              masks=round_.masks, round_=number, stage="pruned", metrics={}, started=started,
                              extra_meta=meta)
+        forget_abandoned_rows(run, loaded.checkpoint.path.name)
         save_resolved_config(run, config)
     result.message = round_message(number, round_, result.sparsity)
     return result
+
+
+def forget_abandoned_rows(run: RunDir, parent: str) -> None:
+    """Drop the metrics.csv rows of a train stage started from `parent` and abandoned (killed, then pruned instead
+    of rerun): they belong to no checkpoint. The pruned checkpoint is written by then: a failure is a remark."""
+    try:
+        drop_rows_after(run.root / METRICS_CSV, start=parent, step=0)
+    except SparsifyError as exc:
+        log(f"note: {exc} (rows of an abandoned train stage stay in metrics.csv)")
 
 
 def recalibrate_round(config: RunConfig, round_: PruneRound, *, show_eval: bool) -> dict:
