@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sparsify.cli_config import load, load_stage, relaunch, with_threads
+from sparsify.cli_config import config_path, export_run_dir, load, load_stage, relaunch, with_threads
 from sparsify.cli_errors import DEBUG_ENV, fail, note, reports_errors, say
 
 app = typer.Typer(
@@ -26,7 +26,7 @@ app = typer.Typer(
 
 ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML config of the run, or a shipped recipe's name "
-                                 "(`sparsify recipes`).", show_default=False)
+                                 "(`sparsify recipes`).", show_default=False, parser=config_path)
 ]
 SetOption = Annotated[
     Optional[list[str]],
@@ -280,7 +280,8 @@ def export(
         Optional[Path], typer.Option(help="Checkpoint to export (default: the run's latest).", show_default=False)
     ] = None,
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output file (default: <run>/export/<checkpoint>.<format>).",
+        Optional[Path], typer.Option("--output", "-o", help="Output file (default: <run>/export/<checkpoint>.<format>; "
+                                     "with --checkpoint and no -c, the run folder holding that checkpoint).",
                                      show_default=False)
     ] = None,
     no_verify: Annotated[bool, typer.Option(
@@ -295,7 +296,7 @@ def export(
     from sparsify.io.rundir import RunDir
     from sparsify.io.export import export_checkpoint
 
-    run = RunDir(load(config, set_).run_dir)
+    run = RunDir(export_run_dir(config, set_, checkpoint=checkpoint, output=output, fmt=format_))
     say(str(export_checkpoint(run, fmt=format_, checkpoint=checkpoint, output=output, verify=not no_verify,
                                         compact=compact)))
 

@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from pydantic import model_validator
 
-from sparsify.errors import ConfigError, SparsifyError, path_problem
-from sparsify.configcheck import default_pattern, describe_validation_error, validate_method_sections, validate_pattern
+from sparsify.errors import ConfigError, SparsifyError, path_problem, shown
+from sparsify.configcheck import (check_lr_steps, default_pattern, describe_validation_error, home_path,
+                                  validate_method_sections, validate_pattern)
 from sparsify.recipes import resolve_config_path
 from sparsify.yamlfile import apply_override, parse_yaml, read_text
 from sparsify.registry import CRITERIA, DATASETS, METHODS, PATTERNS, load_plugins
+from sparsify.threads import MAX_THREADS
 
 
 MAX_NAME = 128  # run folder names: file systems allow 255 bytes, and the files inside add their own
@@ -39,6 +41,8 @@ class ModelConfig(_Section):
     num_classes: Optional[int] = Field(default=None, ge=1)  # null: the dataset's class count
     input_size: Optional[int] = Field(default=None, ge=1, le=4096)  # null: the dataset's native size
     in_channels: Optional[int] = Field(default=None, ge=1)  # null: the dataset's channel count
+
+    _home = field_validator("weights")(classmethod(lambda cls, value: home_path(value)))  # ~/w.pth as the shell
 
 
 class DataConfig(_Section):
@@ -58,6 +62,8 @@ class DataConfig(_Section):
     random_erase: float = Field(default=0.0, ge=0.0, le=1.0)  # imagefolder train: probability of erasing a patch
     mixup_alpha: float = Field(default=0.0, ge=0.0)  # > 0: MixUp on train batches (soft targets)
     cutmix_alpha: float = Field(default=0.0, ge=0.0)  # > 0: CutMix on train batches (soft targets)
+
+    _home = field_validator("root")(classmethod(lambda cls, value: home_path(value)))  # ~/data as the shell
 
     @field_validator("dataset")
     @classmethod
@@ -146,7 +152,7 @@ class SparsityConfig(_Section):
     def _layer_targets(cls, value: dict[str, float]) -> dict[str, float]:
         for glob, target in value.items():
             if not 0.0 <= target < 1.0:
-                raise ValueError(f"target {target!r} for {glob!r} must be in [0, 1); 0.0 keeps the layer dense")
+                raise ValueError(f"target {target!r} for {shown(glob)} must be in [0, 1); 0.0 keeps the layer dense")
         return value
 
     @model_validator(mode="after")
@@ -205,6 +211,8 @@ class DistillConfig(_Section):
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)  # weight of the distillation term
     temperature: float = Field(default=4.0, gt=0.0)  # T: softens both distributions
 
+    _home = field_validator("teacher")(classmethod(lambda cls, value: home_path(value)))  # ~/x.safetensors
+
 
 class TrainConfig(_Section):
     epochs: int = Field(default=1, ge=1)  # per `sparsify train` unless --epochs is given
@@ -235,9 +243,12 @@ class TrainConfig(_Section):
     @field_validator("threads", mode="plain")
     @classmethod
     def _threads(cls, value: Any) -> Union[str, int]:
-        if value == "auto" or (type(value) is int and value >= 1):
+        if value == "auto" or (type(value) is int and 1 <= value <= MAX_THREADS):
             return value
-        raise ValueError("must be auto or an integer >= 1 (torch CPU threads), e.g. threads: 1")
+        raise ValueError(f"must be auto or an integer >= 1 and at most {MAX_THREADS} (torch CPU threads; those "
+                         "beyond the CPUs only wait for each other), e.g. threads: 1")
+
+    _lr_steps = field_validator("lr_steps")(classmethod(lambda cls, value: check_lr_steps(value)))
 
     @model_validator(mode="after")
     def _step_schedule_peak(self) -> "TrainConfig":
@@ -274,6 +285,8 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)  # sparse activations (off without sites)
 
+    _home = field_validator("runs_dir")(classmethod(lambda cls, value: home_path(value)))  # ~/runs as the shell
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
@@ -306,8 +319,11 @@ class RunConfig(_Section):
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read the YAML file or shipped recipe (or start from defaults), apply overrides, validate strictly."""
     data: dict = {}
+    if path is not None and str(path) == "":
+        raise ConfigError("the config path is empty (-c ''); give -c PATH to a YAML file or a shipped recipe's "
+                          "name, or leave -c out for the built-in defaults")
     if path is not None:
-        path = resolve_config_path(path)  # a file, or a shipped recipe's name
+        path = resolve_config_path(home_path(str(path)))  # a file (~ expanded), or a shipped recipe's name
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} {path_problem(path)}; pass -c PATH to a YAML file "
                               "or a shipped recipe's name (`sparsify recipes` lists them)")
@@ -318,7 +334,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         apply_override(data, assignment)
     plugins = data.get("plugins") or []
     if not (isinstance(plugins, list) and all(isinstance(m, str) for m in plugins)):
-        raise ConfigError(f"config key 'plugins' must be a list of module names, e.g. [mypkg.patterns]; got {plugins!r}")
+        raise ConfigError(f"config key 'plugins' must be a list of module names, e.g. [mypkg.patterns]; "
+                          f"got {shown(plugins)}")
     load_plugins(plugins)  # before validation: their patterns, methods and criteria become valid names
     try:
         return RunConfig.model_validate(data)

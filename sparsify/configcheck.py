@@ -6,11 +6,12 @@ Like `config`, this module must not import torch.
 
 from __future__ import annotations
 
+import os
 from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from sparsify.errors import ConfigError
+from sparsify.errors import ConfigError, shown
 from sparsify.registry import METHODS, PATTERNS
 
 
@@ -57,7 +58,7 @@ def validate_method_sections(data: Any, *, known: list[str]) -> Any:
                 raise ConfigError(f"unknown config key 'sparsity.{key}.{where}'; allowed here: "
                                   f"{', '.join(sections[key].model_fields)}") from None
             raise ConfigError(f"config key 'sparsity.{key}.{where}': {first['msg'].removeprefix('Value error, ')} "
-                              f"(got {first.get('input')!r})") from None
+                              f"(got {shown(first.get('input'))})") from None
     for key, options in sections.items():
         out.setdefault(key, options())
     return out
@@ -76,17 +77,29 @@ def describe_validation_error(exc: ValidationError, root: type[BaseModel]) -> st
     if first["type"] == "extra_forbidden":
         section = _section_at(root, first["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else "none (it is not a section)"
-        return f"unknown config key {loc!r}; allowed here: {allowed}{more}"
+        return f"unknown config key {shown(loc)}; allowed here: {allowed}{more}"
     if first["type"] == "model_type":  # a value where a section (a mapping of keys) belongs
         return not_a_section(loc, _section_at(root, first["loc"]), first.get("input")) + more
     message = first["msg"].removeprefix("Value error, ")
-    return f"config key {loc or 'config'!r}: {message} (got {first.get('input')!r}){more}"
+    if first["type"] == "string_type":
+        message = text_expected(loc, first.get("input"), message)
+    return f"config key {shown(loc or 'config')}: {message} (got {shown(first.get('input'))}){more}"
+
+
+def text_expected(key: str, value: Any, message: str) -> str:
+    """For text that YAML read as a number or a boolean (`name: 001`, `name: 1e3`, `name: yes`): quote it."""
+    kind = "boolean" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else None
+    if kind is None:
+        return message
+    leaf, sample = key.rpartition(".")[2], "yes" if kind == "boolean" else "001"
+    return (f"must be text, but YAML read the unquoted value as a {kind}; put it in quotes as you wrote it, "
+            f"e.g. {leaf}: \"{sample}\" (on the command line --set '{key}=\"{sample}\"')")
 
 
 def not_a_section(key: str, section: type[BaseModel] | None, value: Any) -> str:
     """The line for `key: value` where `key` is a section: what a section is and its keys."""
     keys = f" with the keys {', '.join(section.model_fields)}" if section else ""
-    return f"config key {key!r} is a section: give it a mapping{keys} (got {value!r})"
+    return f"config key {key!r} is a section: give it a mapping{keys} (got {shown(value)})"
 
 
 def _key_path(loc: tuple) -> str:
@@ -105,3 +118,15 @@ def _section_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
             return None
         section = annotation
     return section
+
+
+def home_path(value: Any) -> Any:
+    """A path key's value with a leading `~` (or `~user`) expanded as a shell would; other values as given."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+def check_lr_steps(steps: list[int]) -> list[int]:
+    """`train.lr_steps`: epochs >= 1, each after the one before (the step schedule counts them in order)."""
+    if any(step < 1 for step in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError("must be epochs >= 1 in increasing order, each once, e.g. lr_steps: [30, 60]")
+    return steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import reprlib
 
 
 class SparsifyError(Exception):
@@ -41,6 +42,34 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception message (or its type when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+PREVIEW = 80  # characters of a value that an error line shows
+
+
+def shown(value: object) -> str:
+    """`repr(value)` for an error line, cut after PREVIEW characters ('…' marks the cut).
+
+    The repr is built with bounded sizes (`reprlib`), so a value of megabytes (or one nested list
+    standing for billions of items) costs no more than a short one.
+    """
+    return clipped(_PREVIEWER.repr(value))
+
+
+def clipped(text: str) -> str:
+    """`text` cut after PREVIEW characters ('…' marks the cut)."""
+    return text if len(text) <= PREVIEW else text[:PREVIEW] + "…"
+
+
+def _previewer() -> reprlib.Repr:
+    limits = reprlib.Repr()
+    limits.maxlevel = 4
+    limits.maxlist = limits.maxtuple = limits.maxset = limits.maxfrozenset = limits.maxdict = 20
+    limits.maxstring = limits.maxlong = limits.maxother = 4 * PREVIEW  # long enough that the shown part is exact
+    return limits
+
+
+_PREVIEWER = _previewer()
 
 
 def path_problem(path: str | os.PathLike) -> str:

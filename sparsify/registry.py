@@ -16,7 +16,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Callable, Generic, Iterator, TypeVar
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, shown
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise SparsifyError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+                f"unknown {self.kind} {shown(name)}; choose one of: {', '.join(self.names())}"
             ) from None
 
     def names(self) -> list[str]:

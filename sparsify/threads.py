@@ -25,9 +25,12 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, shown
 
-Threads = Union[str, int]  # "auto" or an integer >= 1
+Threads = Union[str, int]  # "auto" or an integer from 1 to MAX_THREADS
+# torch starts every thread it is told to: 100,000 ran out of threads ("can't start new thread") and then
+# crashed the process. More threads than CPUs only wait for each other; 1024 is above any machine's CPU count.
+MAX_THREADS = 1024
 
 
 def env_threads(env: Mapping[str, str]) -> Optional[int]:
@@ -52,8 +55,8 @@ def resolve_threads(setting: Threads, *, env: Mapping[str, str], cpus: int) -> i
     """`train.threads` as a number: an integer stays, `auto` follows `auto_threads`."""
     if setting == "auto":
         return auto_threads(env=env, cpus=cpus)
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise ValueError(f"threads must be auto or an integer >= 1, got {setting!r}")
+    if isinstance(setting, bool) or not isinstance(setting, int) or not 1 <= setting <= MAX_THREADS:
+        raise ValueError(f"threads must be auto or an integer from 1 to {MAX_THREADS}, got {setting!r}")
     return setting
 
 
@@ -126,7 +129,7 @@ def apply_threads(setting: Threads) -> int:
 
 
 def thread_setting(text: str) -> Threads:
-    """--threads without a config: auto or an integer >= 1."""
-    if text == "auto" or (text.isdigit() and int(text) >= 1):
+    """--threads without a config: auto or an integer from 1 to MAX_THREADS."""
+    if text == "auto" or (text.isdigit() and 1 <= int(text) <= MAX_THREADS):
         return text if text == "auto" else int(text)
-    raise SparsifyError(f"--threads {text!r} is not auto or an integer >= 1; e.g. --threads 2")
+    raise SparsifyError(f"--threads {shown(text)} is not auto or an integer from 1 to {MAX_THREADS}; e.g. --threads 2")

@@ -6,7 +6,7 @@ import time
 
 from sparsify.config import RunConfig
 from sparsify.methods.activations import activation_callbacks
-from sparsify.stages.run import StageResult, checkpoint_loaders, model_sparsity, now
+from sparsify.stages.run import StageResult, check_same_model, checkpoint_loaders, model_sparsity, now
 from sparsify.io.rundir import RunDir
 from sparsify.io.restore import load_run
 from sparsify.training.distributed import resolve_device
@@ -20,6 +20,7 @@ def eval_latest(config: RunConfig) -> StageResult:
         started = time.perf_counter()
         loaded = load_run(run)
         meta = loaded.checkpoint.meta
+        check_same_model(config, meta)  # the pattern may differ: evaluation uses the checkpoint's masks
         device = resolve_device(config.device)
         _, val_loader = checkpoint_loaders(config, meta, seed=config.seed, pin_memory=device.type == "cuda")
         for sites in activation_callbacks(config.activations, seed=config.seed):  # masks are not in checkpoints

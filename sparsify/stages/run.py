@@ -159,11 +159,23 @@ def save_resolved_config(run: RunDir, config: RunConfig) -> None:
     atomic_write_bytes(run.root / "config.yaml", config_to_yaml(config).encode())
 
 
-def check_same_run(config: RunConfig, meta: dict) -> None:
-    """Refuse a config whose model or pattern disagrees with the run's checkpoints."""
+def check_same_model(config: RunConfig, meta: dict) -> None:
+    """Refuse a config whose model.arch or model.num_classes (when set) differs from the run's checkpoint: the
+    stage would use the checkpoint's model and ignore the config's."""
     if meta.get("arch") != config.model.arch:
         raise SparsifyError(f"run {config.name!r} holds model {meta.get('arch')!r} but the config says "
-                            f"{config.model.arch!r}; use another name: or --set model.arch={meta.get('arch')}")
+                            f"{config.model.arch!r}; drop the --set or set model.arch: {meta.get('arch')}, "
+                            "or use another run (another name:)")
+    classes = config.model.num_classes
+    if classes is not None and meta.get("num_classes") is not None and classes != meta["num_classes"]:
+        raise SparsifyError(f"run {config.name!r} holds a model with {meta['num_classes']} classes but the config "
+                            f"says model.num_classes {classes}; drop the --set or set model.num_classes: "
+                            f"{meta['num_classes']} (or null), or use another run (another name:)")
+
+
+def check_same_run(config: RunConfig, meta: dict) -> None:
+    """Refuse a config whose model or pattern disagrees with the run's checkpoints."""
+    check_same_model(config, meta)
     wanted = config.sparsity.pattern.model_dump()
     if meta.get("pattern") and meta["pattern"] != wanted:
         raise SparsifyError(f"run {config.name!r} was pruned with pattern {describe_pattern(meta['pattern'])} but "
