@@ -44,10 +44,10 @@ def env_threads(env: Mapping[str, str]) -> Optional[int]:
 
 
 def auto_threads(*, env: Mapping[str, str], cpus: int) -> int:
-    """The `auto` rule on given values: OMP_NUM_THREADS if set, else max(1, cpus - 1)."""
+    """The `auto` rule on given values: OMP_NUM_THREADS if set (at most MAX_THREADS), else max(1, cpus - 1)."""
     from_env = env_threads(env)
     if from_env is not None:
-        return from_env
+        return min(from_env, MAX_THREADS)
     return max(1, cpus - 1)
 
 

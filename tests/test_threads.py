@@ -48,6 +48,7 @@ def test_auto_rule_on_given_values():
     assert auto_threads(env={}, cpus=1) == 1
     assert auto_threads(env={"OMP_NUM_THREADS": "1"}, cpus=16) == 1  # torchrun's setting wins
     assert auto_threads(env={"OMP_NUM_THREADS": "4"}, cpus=2) == 4  # the user's, even above the cores
+    assert auto_threads(env={"OMP_NUM_THREADS": "100000"}, cpus=2) == 1024  # but never past MAX_THREADS
     for ignored in ("", "0", "-2", "four", "4,2"):  # not a plain count: the CPU rule applies
         assert env_threads({"OMP_NUM_THREADS": ignored}) is None
         assert auto_threads(env={"OMP_NUM_THREADS": ignored}, cpus=8) == 7
