@@ -77,5 +77,8 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical_to_an_uninterrupted_run(t
         assert torch.equal(a[key], b[key]), key
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["stage"] for h in history] == ["pretrained", "pruned", "trained"]
+    whole_history = [json.loads(line) for line in (tmp_path / "runs/whole/history.jsonl").read_text().splitlines()]
+    same = ("loss", "acc1", "val_loss", "val_acc1", "val_acc5", "epochs")  # what the stage reports matches too
+    assert {k: history[-1]["metrics"][k] for k in same} == {k: whole_history[-1]["metrics"][k] for k in same}
     steps = [int(line.split(",")[4]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == list(range(3, 49, 3))  # rows the killed run wrote after its last save were dropped
