@@ -105,11 +105,25 @@ def is_sparsify_metadata(raw: dict[str, str]) -> bool:
     """True for our checkpoints (a JSON integer `format`, any version); False for e.g. {"format": "pt"}."""
     try:
         return isinstance(json.loads(raw.get("format", "")), int)
-    except ValueError:
+    except (ValueError, TypeError):
         return False
 
 
+NOT_A_CHECKPOINT = ("is not a sparsify checkpoint ({why}); give one that sparsify wrote (runs/<name>/checkpoints/"
+                    "*.safetensors: weights, masks and metadata), or check a plain state dict with "
+                    "`sparsify check FILE --pattern 2:4|8x8|unstructured`")
+
+
+def not_a_checkpoint(path: Path, why: str) -> CheckpointError:
+    """The one line for a file that holds no sparsify metadata (a plain state dict, a torch.save file)."""
+    return CheckpointError(f"{path} {NOT_A_CHECKPOINT.format(why=why)}")
+
+
 def decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    if not isinstance(raw, dict) or "format" not in raw:
+        raise not_a_checkpoint(path, "a plain state dict: its metadata has no sparsify format")
+    if not is_sparsify_metadata(raw):
+        raise not_a_checkpoint(path, f"its metadata says format {raw.get('format')!r}, not a sparsify format number")
     try:
         meta = {key: json.loads(value) for key, value in raw.items()}
     except (ValueError, TypeError, AttributeError):  # not JSON text, or not a str -> str table
@@ -127,6 +141,8 @@ def parse_checkpoint(path: Path, mapped: MappedFile | None = None) -> Checkpoint
     State tensors are views into the file's mapping; masks and method tensors are small copies.
     """
     mapped = mapped or MappedFile(path)
+    if bytes(mapped.buffer[:4]) == b"PK\x03\x04" or bytes(mapped.buffer[:1]) == b"\x80":  # torch.save: zip, pickle
+        raise not_a_checkpoint(path, "a torch.save file, e.g. a plain .pth state dict")
     header, data_start = mapped.header()
     meta = decode_metadata(header.get("__metadata__") or {}, path)
     tensors = mapped.tensors(header, data_start)
@@ -144,6 +160,7 @@ def read_checkpoint(path: Path, mapped: MappedFile | None = None) -> Checkpoint:
     state, masks, extra = ckpt.state, ckpt.masks, ckpt.extra
     pattern = build_pattern(ckpt.meta["pattern"]) if masks else None
     if masks:
+        check_mask_targets(state, masks, source=path)
         check_mask_shapes(state, masks, pattern)
     magnitudes = {name: pattern.group_sum(state[name].abs()) for name in masks}  # one pass per masked weight
     bad = nonfinite_entries({**state, **extra}, sums={name: m.sum() for name, m in magnitudes.items()})
@@ -158,6 +175,24 @@ def read_checkpoint(path: Path, mapped: MappedFile | None = None) -> Checkpoint:
     if extra:
         check_method_tensors(state, masks, extra, source=path)
     return ckpt
+
+
+def mask_target_problem(name: str, state: dict[str, torch.Tensor]) -> str | None:
+    """Why the mask `name` has no weight to mask (none of that name, or not a conv/Linear weight), or None."""
+    if name not in state:
+        return f"mask {name!r} has no weight of that name in the checkpoint"
+    if state[name].dim() < 2:
+        return (f"mask {name!r} is for a {state[name].dim()}-D tensor of shape {tuple(state[name].shape)}; "
+                "masks belong to conv and Linear weights (2 or more dimensions)")
+    return None
+
+
+def check_mask_targets(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], *, source) -> None:
+    """CheckpointError for the first mask without a conv/Linear weight of its name."""
+    for name in masks:
+        problem = mask_target_problem(name, state)
+        if problem:
+            raise CheckpointError(f"{source}: {problem}; it was altered: use a checkpoint from the run's checkpoints/")
 
 
 def check_method_tensors(state: dict, masks: dict, extra: dict, *, source) -> None:

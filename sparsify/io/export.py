@@ -27,6 +27,8 @@ from sparsify.io.checkpoint import load_checkpoint
 from sparsify.console import log
 from sparsify.io.files import atomic_write_bytes
 from sparsify.io.onnx_check import check_onnx, require_onnx_packages
+from sparsify.io.outputs import make_folder, refuse_run_files, refuse_unwritable, remove_stale_temporaries
+from sparsify.io.restore import require_fit
 from sparsify.io.rundir import RunDir
 from sparsify.errors import SparsifyError, path_problem
 from sparsify.core.patterns import describe_pattern
@@ -66,14 +68,27 @@ def export_checkpoint(run: RunDir, *, fmt: str, checkpoint: Path | None = None, 
     source = checkpoint or run.latest()
     if source is None:
         raise SparsifyError(f"run folder {run.root} has no checkpoint to export; run `sparsify download` first")
+    stem = f"{source.stem}.compact" if compact else source.stem
+    given = output
+    output = Path(output) if output else run.root / "export" / f"{stem}.{exporter.suffix}"
+    check_output(output, given=given, source=source, run=run)
     expected = run.recorded_sha256(source) if checkpoint is None or source.parent == run.checkpoints_dir else None
     ckpt = load_checkpoint(source, expected_sha256=expected)  # refuses drifted or altered files
-    stem = f"{source.stem}.compact" if compact else source.stem
-    output = Path(output) if output else run.root / "export" / f"{stem}.{exporter.suffix}"
+    require_fit(ckpt)  # every format: the tensors are those of the model its metadata names
     data = exporter.write(ckpt)  # before any folder is made: a refused check leaves nothing behind
-    output.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(output.parent)
+    remove_stale_temporaries(output.parent)  # what an export killed mid-write left
     atomic_write_bytes(output, data)
     return output
+
+
+def check_output(output: Path, *, given: Path | None, source: Path, run: RunDir) -> None:
+    """Refuse, before any work, an output that is the checkpoint read or a run's own file, or that
+    cannot be written."""
+    flag = "export -o" if given is not None else "export to"
+    refuse_run_files(output, flag=flag, inputs=[source], runs=[run.root])
+    refuse_unwritable(output.parent, flag=flag, given=output, fix="give a path in a folder you can write to"
+                      if given is not None else "give -o PATH in a folder you can write to")
 
 
 def export_metadata(meta: dict) -> dict[str, str]:

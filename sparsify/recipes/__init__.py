@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from contextlib import suppress
 from importlib.resources import files
 from pathlib import Path
 
@@ -87,12 +88,24 @@ def copy_recipe(name: str, dest: Path | None = None, *, force: bool = False) -> 
         target = target / f"{name}{SUFFIX}"
     if target.exists() and not force:
         raise ConfigError(f"{target} already exists; pass --force to overwrite it, or give another PATH")
+    blocking = file_on_the_way(target.parent)
+    if blocking is not None:
+        raise WriteFailed(f"cannot write {target}: {blocking} is a file, not a folder; give a PATH in a folder")
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         temporary.write_bytes(text)
         os.replace(temporary, target)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        with suppress(OSError):
+            temporary.unlink(missing_ok=True)
         raise WriteFailed(f"cannot write {target} ({exc.strerror or exc}); give a PATH in a folder you can write to") \
             from None
     return target
+
+
+def file_on_the_way(folder: Path) -> Path | None:
+    """The first of `folder` and its parents that exists as something other than a folder, or None."""
+    for path in [folder, *folder.parents]:
+        if path.exists():
+            return None if path.is_dir() else path
+    return None

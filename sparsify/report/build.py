@@ -13,7 +13,7 @@ import torch
 
 from sparsify.core.patterns import build_pattern, describe_pattern
 from sparsify.core.prune import find_layers
-from sparsify.errors import SparsifyError
+from sparsify.errors import CheckpointError, SparsifyError
 from sparsify.io.checkpoint import load_checkpoint
 from sparsify.io.rundir import RunDir
 from sparsify.report.bench import bench_summary
@@ -45,7 +45,7 @@ def locate(target: Path) -> tuple[Path, RunDir | None]:
 
 def build_report(target: Path) -> dict:
     """Everything `render` prints, as JSON-ready data."""
-    from sparsify.io.restore import build_model_for
+    from sparsify.io.restore import build_model_for, require_fit
     from sparsify.models.tvmodels import build_for_shapes
 
     path, run = locate(target)
@@ -53,7 +53,10 @@ def build_report(target: Path) -> dict:
     history, problems = run.readable_history() if run else ([], [])
     curves, more = round_curves(run, history) if run else ([], [])
     meta = ckpt.meta
-    model = build_for_shapes(lambda: build_model_for(meta))  # meta device, CPU where the builder needs values
+    require_report_metadata(meta, path)
+    # meta device, CPU where the builder needs values
+    model = build_for_shapes(lambda: build_model_for(meta, source=path))
+    require_fit(ckpt, model)
     pattern = build_pattern(meta["pattern"])
     sparsity_cfg = meta.get("sparsity_config") or {}
     layers = find_layers(model, pattern, include_linear=sparsity_cfg.get("include_linear", False),
@@ -80,6 +83,18 @@ def build_report(target: Path) -> dict:
     }
     report["outcome"] = outcome(report, run, path, meta)
     return report
+
+
+REPORT_METADATA = {"round": int, "stage": str, "pattern": dict}  # beyond what builds the model
+
+
+def require_report_metadata(meta: dict, path: Path) -> None:
+    """CheckpointError naming the first metadata key the report needs that is missing or of another type."""
+    for key, kind in REPORT_METADATA.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path} has {key} {value!r} in its metadata, not a {kind.__name__}; it was not "
+                                  "written by sparsify or was altered: report a checkpoint from the run's checkpoints/")
 
 
 def compaction_record(ckpt) -> dict:

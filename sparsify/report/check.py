@@ -7,7 +7,9 @@ bias, the BatchNorm scale and shift after it) must be 0.0 at the pruned channels
 plain state dict (`.safetensors`, `.pth`) has no masks: every conv/Linear-shaped weight the
 pattern applies to is checked for the structure alone (for n:m, at most n nonzeros in every group
 of m input channels; blocks and single weights always form a valid layout, so for `block` and
-`unstructured` only the sparsity is reported).
+`unstructured` only the sparsity is reported). A sparsify checkpoint must also fit the model its metadata
+names (every tensor's name and shape, as a strict `load_state_dict` wants them), and no tensor of any file
+may hold NaN or inf: either is a failed check naming the first offending tensor.
 
 Checked against 2:4, every conv/Linear weight (checked or not) also gets a `tensorrt` verdict:
 `yes` when TensorRT's rule for 2:4 sparse kernels holds (`sparsify.core.tensorrt`), else `no: why`.
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsify.errors import SparsifyError, path_problem
+from sparsify.errors import SparsifyError, first_line, path_problem
 from sparsify.core.patterns import Pattern, build_pattern, describe_pattern, parse_pattern
 from sparsify.core.tensorrt import TENSORRT_PATTERN, TENSORRT_RULE, tensorrt_2to4
 
@@ -34,21 +36,25 @@ def check_file(path: Path, *, pattern: str | None = None) -> dict:
                             f"{latest_hint(path)}")
     state, masks, meta = read_tensors(path)
     if pattern is None and not meta.get("pattern"):
-        raise SparsifyError(f"{path} is a plain state dict with no pattern to check against; "
-                            "pass --pattern (e.g. 2:4, 8x8, unstructured)")
+        what = "its metadata names no pattern" if meta else "it is a plain state dict, not a sparsify checkpoint"
+        raise SparsifyError(f"{path}: {what}, so there is no pattern to check against; pass --pattern (e.g. 2:4, "
+                            "8x8, unstructured)")
     spec = parse_pattern(pattern) if pattern else meta["pattern"]
     declared = build_pattern(spec)
     followers = None
     if masks:
         stored = build_pattern(meta["pattern"])
-        layers = [check_masked(name, state[name], masks[name], stored, declared, meta.get("target"))
-                  for name in masks]
+        layers = [masked_finding(name, state, masks[name], stored, declared, meta.get("target")) for name in masks]
         followers = check_followers_(layers, state, masks, stored, meta)
         skipped = [{"parameter": n, "reason": "no mask (not pruned)"} for n in weight_names(state) if n not in masks]
     else:  # a plain state dict, or a checkpoint not pruned yet (its metadata names the pattern): by shape
         layers, skipped = check_plain(state, declared)
-    result = verdict(path, spec, layers, skipped, kind="checkpoint" if meta else "state dict")
+    model = model_fit(state, meta) if meta else None
+    problems = ([model["problem"]] if model and model["problem"] else []) + nonfinite_problems(layers, state)
+    result = verdict(path, spec, layers, skipped, kind="checkpoint" if meta else "state dict", problems=problems)
     result["pruned"] = bool(masks)
+    if model is not None:
+        result["model"] = model
     if followers is not None:
         result["followers"] = followers
     if declared.describe() == TENSORRT_PATTERN:
@@ -90,6 +96,53 @@ def weight_names(state: dict) -> list[str]:
     return [n for n, t in state.items() if n.endswith("weight") and 2 <= t.dim() <= 5]
 
 
+def model_fit(state: dict, meta: dict) -> dict:
+    """Whether the checkpoint's tensors are those of the model its metadata names (names and shapes, as a
+    strict `load_state_dict` wants them): {'arch', 'checked', 'problem', 'reason' (why not checked)}."""
+    from sparsify.io.restore import build_model_for, fit_problem, model_metadata_problem
+    from sparsify.models.tvmodels import build_for_shapes
+
+    arch = meta.get("arch")
+    problem = model_metadata_problem(meta)
+    if problem:
+        return {"arch": arch, "checked": True, "problem": f"the checkpoint {problem}", "reason": ""}
+    try:
+        model = build_for_shapes(lambda: build_model_for(meta))
+    except (SparsifyError, ImportError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        return {"arch": arch, "checked": False, "problem": "",
+                "reason": f"model {arch!r} could not be built: {first_line(exc)}"}
+    problem = fit_problem(state, model)
+    return {"arch": arch, "checked": True, "problem": f"the checkpoint does not fit model {arch!r}: {problem}"
+            if problem else "", "reason": ""}
+
+
+def nonfinite_problems(layers: list[dict], state: dict) -> list[str]:
+    """Each tensor holding NaN or inf: a problem of its layer when it is a checked one, else returned."""
+    from sparsify.io.checkpoint import nonfinite_entries
+
+    by_layer = {layer["parameter"]: layer for layer in layers}
+    problems = []
+    for name in nonfinite_entries(state):
+        if name in by_layer:
+            by_layer[name]["problems"].insert(0, "holds NaN or inf")
+            by_layer[name]["follows"] = False
+        else:
+            problems.append(f"{name} holds NaN or inf")
+    return problems
+
+
+def masked_finding(name: str, state: dict, mask: torch.Tensor, stored, declared, target) -> dict:
+    """A pruned layer's finding; a failed one when the mask has no conv/Linear weight to mask."""
+    from sparsify.io.checkpoint import mask_target_problem
+
+    problem = mask_target_problem(name, state)
+    if problem is None:
+        return check_masked(name, state[name], mask, stored, declared, target)
+    shape = "x".join(map(str, state[name].shape)) if name in state else "-"
+    return {"parameter": name, "shape": shape, "follows": False, "sparsity": 0.0, "target": target, "zeros": 0,
+            "weights": 0, "problems": [problem]}
+
+
 def check_masked(name: str, weight: torch.Tensor, mask: torch.Tensor, stored, declared, target) -> dict:
     """One pruned layer: mask fits, masked weights are 0.0, and the weights follow `declared`."""
     problems = []
@@ -118,7 +171,7 @@ def check_followers_(layers: list[dict], state: dict, masks: dict, stored, meta:
         model = build_model_for(meta)
     except (SparsifyError, ImportError, RuntimeError, ValueError, KeyError) as exc:
         return {"checked": 0, "reason": f"not checked: the model could not be built ({exc})"}
-    followers = stored.followers(model, list(masks))
+    followers = stored.followers(model, [name for name in masks if name in state and state[name].dim() >= 2])
     by_layer = {layer["parameter"]: layer for layer in layers}
     checked = 0
     for param, owner in sorted(followers.items()):
@@ -168,17 +221,22 @@ def structure_problems(pattern, weight: torch.Tensor) -> list[str]:
 def finding(name: str, weight: torch.Tensor, problems: list[str], *, target) -> dict:
     zeros = int(weight.eq(0).sum())
     return {"parameter": name, "shape": "x".join(map(str, weight.shape)), "follows": not problems,
-            "sparsity": round(zeros / weight.numel(), 6), "target": target, "zeros": zeros,
+            "sparsity": round(zeros / max(weight.numel(), 1), 6), "target": target, "zeros": zeros,
             "weights": weight.numel(), "problems": problems}
 
 
-def verdict(path: Path, spec: dict, layers: list[dict], skipped: list[dict], *, kind: str) -> dict:
-    """The overall answer: follows when every checked layer does and at least one was checked."""
+def verdict(path: Path, spec: dict, layers: list[dict], skipped: list[dict], *, kind: str,
+            problems: list[str] = ()) -> dict:
+    """The overall answer: follows when the file has no problem of its own (`problems`: a model it does not
+    fit, NaN or inf outside the checked layers), every checked layer follows and at least one was checked."""
     bad = [layer for layer in layers if not layer["follows"]]
     zeros = sum(layer["zeros"] for layer in layers)
     total = sum(layer["weights"] for layer in layers)
     reason = ""
-    if not layers:
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        reason = f"{path}: {problems[0]}{more}"
+    elif not layers:
         reason = f"{path} has no weight that pattern {describe_pattern(spec)} applies to"
     elif bad:
         more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
@@ -187,7 +245,8 @@ def verdict(path: Path, spec: dict, layers: list[dict], skipped: list[dict], *, 
     return {"file": str(path), "kind": kind, "pattern": describe_pattern(spec), "follows": not reason,
             "reason": reason, "checked": len(layers), "violating": len(bad),
             "sparsity": round(zeros / total, 6) if total else 0.0,
-            "target": targets.pop() if len(targets) == 1 else None, "layers": layers, "skipped": skipped}
+            "target": targets.pop() if len(targets) == 1 else None, "layers": layers, "skipped": skipped,
+            "problems": list(problems)}
 
 
 def render(result: dict, fmt: str) -> str:
@@ -203,6 +262,7 @@ def render(result: dict, fmt: str) -> str:
                      f"{_target_text(layer['target'])} {state}{_tensorrt_text(layer)}")
     for item in result["skipped"]:
         lines.append(f"  {item['parameter']}: not checked ({item['reason']}){_tensorrt_text(item)}")
+    lines += _model_lines(result)
     if result.get("followers"):
         followers = result["followers"]
         lines.append(f"followers: {followers['checked']} bias/BatchNorm tensors of pruned channels checked"
@@ -216,6 +276,17 @@ def render(result: dict, fmt: str) -> str:
                  f"{len(result['skipped'])} not checked; sparsity of checked weights "
                  f"{100 * result['sparsity']:.2f}%{_target_text(result['target'])}")
     return "\n".join(lines)
+
+
+def _model_lines(result: dict) -> list[str]:
+    """The model fit (checkpoints) and each problem of the file's own."""
+    model = result.get("model")
+    lines = []
+    if model and not model["checked"]:
+        lines.append(f"model: not checked ({model['reason']})")
+    elif model and not model["problem"]:
+        lines.append(f"model: every tensor fits {model['arch']}")
+    return lines + [f"  VIOLATES: {problem}" for problem in result.get("problems", [])]
 
 
 def _tensorrt_text(entry: dict) -> str:

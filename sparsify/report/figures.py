@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from sparsify.io.files import atomic_write_bytes
+from sparsify.io.outputs import make_folder
 from sparsify.report import plots, series
 from sparsify.report.build import locate
 
@@ -101,7 +102,7 @@ def png_bytes(figure) -> bytes:
 def write_figures(figures: list[plots.NamedFigure], folder: Path) -> dict[str, bytes]:
     """<folder>/<name>.png and .svg for each figure (the folder is made); the PNG bytes by figure name."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     pngs = {}
     for item in figures:
         for fmt in ("png", "svg"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sparsify.errors import SparsifyError
 from sparsify.io.files import atomic_write_bytes
+from sparsify.io.outputs import first_existing, refuse_run_files, refuse_unwritable, run_file_problem
 from sparsify.report.build import build_report, locate
 from sparsify.report.plots import has_matplotlib, require_matplotlib
 from sparsify.report.series import choose_layers
@@ -22,17 +23,30 @@ class Published:
     messages: list[str] = field(default_factory=list)  # what was written or skipped (stderr)
 
 
-def check_destinations(fmt: str, *, output: Path | None, plot_dir: Path | None, layers: str | None) -> None:
-    """Refuse an output file or figure folder that cannot be written, and --layers without figures."""
+def check_destinations(fmt: str, *, output: Path | None, plot_dir: Path | None, layers: str | None,
+                       target: Path | None = None) -> None:
+    """Refuse an output file or figure folder that cannot be written or that is one of the run's own files
+    (the reported checkpoint, anything in checkpoints/, history.jsonl, ...), and --layers without figures."""
     if layers is not None and plot_dir is None and fmt != "html":
         raise SparsifyError("--layers chooses the mask pictures of --plot DIR and --format html; add one of them")
+    source, run = locate(target) if target is not None else (None, None)
+    inputs, runs = [source] if source else [], [run.root] if run else []
     if output is not None:
         if output.is_dir():
             raise SparsifyError(f"-o {output} is a folder; give a file name, e.g. -o {output / 'report.html'}")
-        if not output.parent.is_dir():
+        refuse_run_files(output, flag="-o", inputs=inputs, runs=runs)
+        parent = first_existing(output.parent)
+        if parent != output.parent and parent.is_dir():
             raise SparsifyError(f"-o {output}: the folder {output.parent} does not exist; create it first")
-    if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
-        raise SparsifyError(f"--plot {plot_dir} is a file; give a folder for the figures (it is created if needed)")
+        refuse_unwritable(output.parent, flag="-o", given=output)
+    if plot_dir is not None:
+        if plot_dir.exists() and not plot_dir.is_dir():
+            raise SparsifyError(f"--plot {plot_dir} is a file; give a folder for the figures (it is created if needed)")
+        problem = run_file_problem(plot_dir / "figure.png", inputs=inputs, runs=runs)
+        if problem:
+            raise SparsifyError(f"--plot {plot_dir} {problem.replace('name a file', 'give a folder')} "
+                                "(nothing was written)")
+        refuse_unwritable(plot_dir, flag="--plot", given=plot_dir)
 
 
 def run_config_text(report: dict) -> str | None:
@@ -51,7 +65,7 @@ def publish_report(target: Path, fmt: str, *, output: Path | None = None, plot_d
     masks drawn for the layers matching `layers` (default: the largest few)."""
     from sparsify.report.render import render
 
-    check_destinations(fmt, output=output, plot_dir=plot_dir, layers=layers)
+    check_destinations(fmt, output=output, plot_dir=plot_dir, layers=layers, target=target)
     if plot_dir is not None:
         require_matplotlib()
     if fmt not in ("table", "json", "csv", "markdown", "html"):
