@@ -348,3 +348,19 @@ def test_check_of_a_good_checkpoint_says_its_tensors_fit_the_model(run):
     code, out, err = invoke("check", pruned)
     assert code == 0, err
     assert "model: every tensor fits tiny_resnet" in out and "follows block 8x8" in out.splitlines()[-1]
+
+
+def test_a_checkpoint_whose_header_length_starts_with_a_pickle_byte_is_read_as_one(tmp_path):
+    import struct
+
+    import torch
+
+    from sparsify.io.checkpoint import parse_checkpoint, save_checkpoint
+
+    path = tmp_path / "c.safetensors"
+    for pad in range(256):  # the header length's low byte 0x80, the first byte of a pickle
+        save_checkpoint(path, {"w": torch.ones(2)}, {}, {"round": 0, "pad": "x" * pad})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] & 0xFF == 0x80:
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert parse_checkpoint(path).meta["round"] == 0

@@ -141,9 +141,12 @@ def parse_checkpoint(path: Path, mapped: MappedFile | None = None) -> Checkpoint
     State tensors are views into the file's mapping; masks and method tensors are small copies.
     """
     mapped = mapped or MappedFile(path)
-    if bytes(mapped.buffer[:4]) == b"PK\x03\x04" or bytes(mapped.buffer[:1]) == b"\x80":  # torch.save: zip, pickle
-        raise not_a_checkpoint(path, "a torch.save file, e.g. a plain .pth state dict")
-    header, data_start = mapped.header()
+    try:
+        header, data_start = mapped.header()
+    except CheckpointError:  # not safetensors: a torch.save file (zip, or an old pickle) says so
+        if bytes(mapped.buffer[:4]) == b"PK\x03\x04" or bytes(mapped.buffer[:1]) == b"\x80":
+            raise not_a_checkpoint(path, "a torch.save file, e.g. a plain .pth state dict") from None
+        raise
     meta = decode_metadata(header.get("__metadata__") or {}, path)
     tensors = mapped.tensors(header, data_start)
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
