@@ -16,16 +16,18 @@ def log(message: str) -> None:
 
 def write_line(message: str, stream) -> None:
     """Print one line to `stream`; once its reader has gone (`| head` that finished, `| true`), this and later
-    output are dropped and the command goes on: what it writes to the run folder is its result."""
+    output are dropped and the command goes on: what it writes to the run folder is its result. A result line
+    that cannot be written otherwise (stdout on a full disk) is an error; a remark on stderr is dropped."""
     try:
         print(message, file=stream, flush=True)
     except BrokenPipeError:
         stop_writing_to(stream)
     except OSError as exc:  # e.g. redirected to a full disk
-        name = {sys.stdout: "standard output", sys.stderr: "standard error"}.get(stream, "the output")
         stop_writing_to(stream)
-        raise SparsifyError(f"could not write to {name}: {exc.strerror or exc}; redirect it to a file on a disk "
-                            "with space (or to /dev/null) and run the command again") from None
+        if stream is not sys.stdout:  # remarks and progress: the work goes on without them
+            return
+        raise SparsifyError(f"could not write to standard output: {exc.strerror or exc}; redirect it to a file on "
+                            "a disk with space (or to /dev/null) and run the command again") from None
 
 
 def stop_writing_to(stream) -> None:

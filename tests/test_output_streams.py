@@ -50,3 +50,13 @@ def test_a_full_stdout_is_one_line(workdir, cli):
     assert done.returncode == 1
     assert done.stderr.strip() == ("error: could not write to standard output: No space left on device; redirect it "
                                    "to a file on a disk with space (or to /dev/null) and run the command again")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_stage_whose_remarks_cannot_be_written_still_finishes(workdir, cli):
+    assert cli("download", "-c", "tiny.yaml")[0] == 0
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "sparsify", "prune", "-c", "tiny.yaml"], stderr=full,
+                              stdout=subprocess.PIPE, text=True, timeout=300, env={**os.environ, "SPARSIFY_DEBUG": "0"})
+    assert done.returncode == 0 and done.stdout.startswith("round 1:")
+    assert [e["stage"] for e in RunDir(workdir / "runs/tiny").history()] == ["pretrained", "pruned"]
