@@ -4,7 +4,6 @@ the five layer modes, timing and calibration, the calibration file, and load() o
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -202,21 +201,35 @@ def test_a_layer_rebuilds_its_executor_when_its_dtype_changes():
 # ---------------------------------------------------------------- timing and calibration
 
 
-def test_time_candidates_drops_a_hopeless_candidate_and_adapts_its_repeats():
-    import time
+class Ticks:
+    """A clock that moves only while a candidate runs, by that candidate's fixed cost: the timing decisions
+    come out the same on an idle machine and on a loaded one."""
 
-    calls = {"dense": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.006), "other": lambda: time.sleep(0.001)}
-    slow = time_candidates(calls, TimingSettings(budget_s=10.0, min_repeats=3, max_repeats=6))
-    assert slow.repeats == 6 and set(slow.ms) == {"dense", "other"}
-    # dropped at its first call, or (when a busy machine delayed the others' first calls) after one timed run
-    assert re.search(r"ms first call, over 2x (dense|other); not timed further$|timed run, over 1.5x",
-                     slow.dropped["slow"]), slow.dropped
-    warmed = time_candidates(calls, TimingSettings(budget_s=0.0, min_repeats=3, max_repeats=50),
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def costing(self, seconds: float):
+        def call() -> None:
+            self.now += seconds
+
+        return call
+
+
+def test_time_candidates_drops_a_hopeless_candidate_and_adapts_its_repeats():
+    ticks = Ticks()
+    calls = {"dense": ticks.costing(0.001), "slow": ticks.costing(0.006), "other": ticks.costing(0.001)}
+    slow = time_candidates(calls, TimingSettings(budget_s=10.0, min_repeats=3, max_repeats=6), clock=ticks)
+    assert slow.repeats == 6 and slow.ms == pytest.approx({"dense": 1.0, "other": 1.0})
+    assert slow.dropped == {"slow": "6 ms first call, over 2x dense; not timed further"}
+    warmed = time_candidates(calls, TimingSettings(budget_s=0.0, min_repeats=3, max_repeats=50), clock=ticks,
                              warm={"dense": 0.001, "slow": 0.001, "other": 0.001})  # no drop before a timed run
     assert warmed.repeats == 3 and set(warmed.ms) == {"dense", "other"} and "timed run, over 1.5x" in \
         warmed.dropped["slow"]
-    alone = time_candidates({"dense": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.006)},
-                            TimingSettings(budget_s=10.0, min_repeats=3, max_repeats=6))
+    alone = time_candidates({"dense": calls["dense"], "slow": calls["slow"]}, clock=ticks,
+                            settings=TimingSettings(budget_s=10.0, min_repeats=3, max_repeats=6))
     assert alone.repeats == 1 and set(alone.ms) == {"dense"}  # nothing left to compare dense with
 
 
