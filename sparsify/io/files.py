@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import threading
 from contextlib import suppress
 from pathlib import Path
@@ -38,6 +39,15 @@ def write_failure(path: Path, exc: OSError) -> WriteFailed:
 
 def _temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def temporary_writer(name: str) -> int | None:
+    """The pid in a temporary file's name (.NAME.PID.tmp, as the writes here make them); None for other names."""
+    found = _TEMPORARY_NAME.match(name)
+    return int(found.group(1)) if found else None
+
+
+_TEMPORARY_NAME = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -10,17 +10,15 @@ links, so a link to a checkpoint is refused like the checkpoint itself.
 from __future__ import annotations
 
 import os
-import re
 from contextlib import suppress
 from pathlib import Path
 from typing import Iterable
 
 from sparsify.errors import SparsifyError
-from sparsify.io.files import write_failure
+from sparsify.io.files import temporary_writer, write_failure
 
 RUN_FILES = frozenset({"history.jsonl", "metrics.csv", "config.yaml", "train-state.safetensors", ".lock",
                        "sensitivity.json", "bench.json"})
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # io.files' temporary files: .NAME.PID.tmp
 
 
 def _real(path: Path | str) -> Path:
@@ -105,8 +103,8 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     those of processes that no longer exist. The paths removed."""
     removed = []
     for path in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else []:
-        found = _TEMPORARY.match(path.name)
-        if found and path.is_file() and _pid_is_gone(int(found.group(1))):
+        writer = temporary_writer(path.name)
+        if writer is not None and path.is_file() and _pid_is_gone(writer):
             with suppress(OSError):
                 path.unlink()
                 removed.append(path)

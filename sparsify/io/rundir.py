@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 from sparsify.errors import CheckpointError, RunLockedError
-from sparsify.io.files import append_lines, write_failure
+from sparsify.io.files import append_lines, temporary_writer, write_failure
 
 _NAME = re.compile(r"^(\d{3,})-r(\d{2,})-([a-z]+)\.safetensors$")
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # io.files.temporary_path: .NAME.PID.tmp
 TRAIN_STATE = "train-state.safetensors"
 _HELD: set[str] = set()  # run locks this process holds for its stages (resolved lock file paths)
 
@@ -164,8 +163,8 @@ class RunDir:
         its stage; the train-state of the stage that made it goes too."""
         for folder in (self.root, self.checkpoints_dir):
             for path in folder.glob(".*.tmp") if folder.is_dir() else []:
-                found = _TEMPORARY.match(path.name)
-                if found and int(found.group(1)) != os.getpid():
+                writer = temporary_writer(path.name)
+                if writer is not None and writer != os.getpid():
                     path.unlink(missing_ok=True)
         latest = self.latest()
         if latest is not None and self.recorded_sha256(latest, lenient=True) is None:
