@@ -54,8 +54,12 @@ def already_started(run: RunDir) -> SparsifyError:
 def start_again(run: RunDir) -> None:
     """--force: the newest checkpoint first (a kill part-way leaves an older run that still resumes), then the
     history and what the old stages left beside them (train-state, metrics.csv, sensitivity.json)."""
-    for path in reversed(run.checkpoints()):
-        path.unlink()
-    for name in (TRAIN_STATE, METRICS_CSV, SENSITIVITY_FILE):
-        (run.root / name).unlink(missing_ok=True)
-    run.history_path.unlink(missing_ok=True)
+    old = [*reversed(run.checkpoints()), *(run.root / name for name in (TRAIN_STATE, METRICS_CSV, SENSITIVITY_FILE)),
+           run.history_path]
+    for path in old:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise SparsifyError(f"download --force could not delete {path} ({exc.strerror or exc}); the files "
+                                "before it in that order are deleted, the rest are as they were: fix that and run "
+                                "download --force again") from None

@@ -122,8 +122,11 @@ def write_stage(run: RunDir, config: RunConfig, *, command: str, parent: Checkpo
     if replacing:
         staged = staging_path(path, run.root)
         sha = save_checkpoint(staged, state, masks, meta, extra=extra_tensors)
-        replacing()
-        move_into_place(staged, path)
+        try:
+            replacing()
+            move_into_place(staged, path)
+        finally:
+            staged.unlink(missing_ok=True)  # gone once moved in; a failure to empty the run leaves nothing behind
     else:
         sha = save_checkpoint(path, state, masks, meta, extra=extra_tensors)
     entry = history_entry(meta, path.name, sha, now())
