@@ -129,3 +129,12 @@ def test_prune_forgets_the_rows_of_a_train_stage_abandoned_on_the_same_checkpoin
     code, _, err = invoke("prune", "-c", "tiny.yaml", "--set", "sparsity.target=0.75")
     assert code == 0, err
     assert read_rows(run.root / "metrics.csv") == kept and kept
+
+
+def test_download_force_that_cannot_delete_an_old_file_says_which_and_leaves_no_staged_checkpoint(workdir):
+    run = started_run(workdir)
+    (run.root / "metrics.csv").mkdir()  # something unlink cannot remove
+    code, _, err = invoke("download", "-c", "tiny.yaml", "--force")
+    assert code == 1
+    assert "download --force could not delete runs/tiny/metrics.csv (Is a directory)" in err
+    assert not [p.name for p in run.root.iterdir() if p.name.endswith(".tmp")]
