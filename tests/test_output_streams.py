@@ -24,6 +24,15 @@ def sparsify_to_closed_pipe(*args: str, stream: str) -> subprocess.CompletedProc
         os.close(write_end)
 
 
+def sparsify_to_full_disk(*args: str, stream: str) -> subprocess.CompletedProcess:
+    """Run sparsify with `stream` (stdout or stderr) on /dev/full, where every write fails for lack of space."""
+    with open("/dev/full", "w") as full:
+        return subprocess.run([sys.executable, "-m", "sparsify", *args], text=True, timeout=300,
+                              stdout=full if stream == "stdout" else subprocess.PIPE,
+                              stderr=full if stream == "stderr" else subprocess.PIPE,
+                              env={**os.environ, "SPARSIFY_DEBUG": "0"})
+
+
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 def test_a_stage_whose_reader_went_away_still_finishes_and_succeeds(workdir, cli, stream):
     assert cli("download", "-c", "tiny.yaml")[0] == 0
@@ -44,9 +53,7 @@ def test_report_and_config_to_a_reader_that_went_away_exit_quietly(workdir, cli)
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_a_full_stdout_is_one_line(workdir, cli):
     assert cli("download", "-c", "tiny.yaml")[0] == 0
-    with open("/dev/full", "w") as full:
-        done = subprocess.run([sys.executable, "-m", "sparsify", "report", "-c", "tiny.yaml"], stdout=full,
-                              stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ, "SPARSIFY_DEBUG": "0"})
+    done = sparsify_to_full_disk("report", "-c", "tiny.yaml", stream="stdout")
     assert done.returncode == 1
     assert done.stderr.strip() == ("error: could not write to standard output: No space left on device; redirect it "
                                    "to a file on a disk with space (or to /dev/null) and run the command again")
@@ -55,8 +62,6 @@ def test_a_full_stdout_is_one_line(workdir, cli):
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_a_stage_whose_remarks_cannot_be_written_still_finishes(workdir, cli):
     assert cli("download", "-c", "tiny.yaml")[0] == 0
-    with open("/dev/full", "w") as full:
-        done = subprocess.run([sys.executable, "-m", "sparsify", "prune", "-c", "tiny.yaml"], stderr=full,
-                              stdout=subprocess.PIPE, text=True, timeout=300, env={**os.environ, "SPARSIFY_DEBUG": "0"})
+    done = sparsify_to_full_disk("prune", "-c", "tiny.yaml", stream="stderr")
     assert done.returncode == 0 and done.stdout.startswith("round 1:")
     assert [e["stage"] for e in RunDir(workdir / "runs/tiny").history()] == ["pretrained", "pruned"]
