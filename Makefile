@@ -6,6 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# test processes for make test / test-all (pytest-xdist; 0: the tests run in pytest's own process)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-all bench clean
 
@@ -22,10 +24,10 @@ demo: install
 	$(BIN)/sparsify report -c configs/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 test-all: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: install
 	$(BIN)/python bench/run_all.py
