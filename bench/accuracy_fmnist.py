@@ -322,26 +322,33 @@ def epochs_trained(config, dense_epochs: int) -> int:
 
 def run_jobs(root: str, base: dict, args, plan: list[tuple[str, str]]) -> tuple[dict, dict, dict | None]:
     """The sensitivity scan, the dense reference and every arm (in PRIORITY order, 75% first), `--jobs` at a
-    time in worker processes, each bn_sensitivity arm once the scan is done; the reference is extended
-    afterwards when an arm used more epochs than it had. Returns (arms, reference, scan)."""
+    time in worker processes, each bn_sensitivity arm once the scan is done. When an arm ends after more
+    epochs than the reference has, the reference trains on to them next (one reference job at a time: it is
+    one run folder). Returns (arms, reference, scan)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
     order = sorted(plan, key=lambda arm: (-TARGETS[arm[1]], PRIORITY.index(arm[0])))
     needs_scan = any(name == "bn_sensitivity" for name, _ in plan)
-    queue = ([("scan", scan_dense, ())] if needs_scan else []) + [
-        ("reference", dense_reference, (args.dense_epochs + args.reference_rounds,))]
+    reference_upto = args.dense_epochs + args.reference_rounds
+    queue = ([("scan", scan_dense, ())] if needs_scan else []) + [("reference", dense_reference, (reference_upto,))]
     queue += [(f"{name}@{target}", run_arm, (name, target)) for name, target in order]
     results, running = {}, {}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         while queue or running:
-            ready = [job for job in queue if not job[0].startswith("bn_sensitivity") or "scan" in results]
+            ready = [job for job in queue if (not job[0].startswith("bn_sensitivity") or "scan" in results)
+                     and (job[0] != "reference" or "reference" not in running.values())]
             for job in ready[:args.jobs - len(running)]:
                 queue.remove(job)
                 running[pool.submit(job[1], root, base, args, *job[2])] = job[0]
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                results[running.pop(future)] = future.result()
+                key = running.pop(future)
+                results[key] = future.result()
+                if "@" in key and results[key]["epochs"] > reference_upto:
+                    reference_upto = results[key]["epochs"]
+                    queue = [job for job in queue if job[0] != "reference"]
+                    queue.insert(0, ("reference", dense_reference, (reference_upto,)))
     arms = {f"{name}@{target}": results[f"{name}@{target}"] for name, target in plan}
     wanted = max([arm["epochs"] for arm in arms.values()] + [args.dense_epochs + 1])
     return arms, dense_reference(root, base, args, wanted), results.get("scan")
