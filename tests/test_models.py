@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from torch import nn
 
 from sparsify.errors import ModelError
 from sparsify.models.build import MODELS, build_model, default_in_channels, default_input_size
-from sparsify.models.tvmodels import cache_file, find_head, replace_head_
+from sparsify.models.tvmodels import build_for_shapes, cache_file, find_head, replace_head_
 
 RESNET18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
 
@@ -397,3 +399,29 @@ def train_tiny_resnet_on_digits() -> float:
             optimizer.step()
     correct = sum((eval_forward(model, x).argmax(1) == y).sum().item() for x, y in val)
     return correct / len(val.dataset)
+
+
+def test_shapes_build_skips_initialisers_and_random_fills_and_runs_the_rest():
+    def build():
+        conv = nn.Conv2d(3, 4, 3)
+        assert nn.init.kaiming_normal_(conv.weight, mode="fan_out") is conv.weight
+        assert nn.init.constant_(conv.bias, 1.0) is conv.bias
+        assert conv.weight.normal_(0, 1) is conv.weight and conv.bias.uniform_() is conv.bias
+        conv.register_buffer("scale", torch.ones(4) * 2)  # other operations still run, on the meta device
+        return conv
+
+    conv = build_for_shapes(build)
+    assert conv.weight.is_meta and conv.weight.shape == (4, 3, 3, 3) and conv.scale.is_meta
+    assert not nn.init.normal_(torch.zeros(2)).eq(0).all()  # outside it, initialisers fill again
+
+
+def test_shapes_build_of_a_builtin_model_imports_nothing_new():
+    """Random fills on the meta device would import torch's compiler (seconds in every `report` and `check`)."""
+    script = ("import sys, torch; from sparsify.models.build import build_model; "
+              "from sparsify.models.tvmodels import build_for_shapes; before = set(sys.modules); "
+              "build_for_shapes(lambda: build_model('small_resnet', num_classes=10, in_channels=1)); "
+              "print(sorted(m for m in set(sys.modules) - before if not m.startswith('torch.utils')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+

@@ -118,6 +118,22 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# Tensor methods that fill a tensor with random values in place (what initialisers end in).
+RANDOM_FILLS = frozenset(getattr(torch.Tensor, name) for name in (
+    "normal_", "uniform_", "bernoulli_", "cauchy_", "exponential_", "geometric_", "log_normal_", "random_"))
+
+
+class SkipInitialisers(torch.overrides.TorchFunctionMode):
+    """`torch.nn.init`'s functions and random fills return their tensor untouched: meta tensors hold no
+    values, and filling them would only load torch's Python decompositions (seconds on the first call)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" or func in RANDOM_FILLS:
+            return args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+        return func(*args, **kwargs)
+
+
 def build_for_shapes(build: Callable[[], nn.Module]) -> nn.Module:
     """`build()` for its structure and shapes only: on the meta device (no memory, no initialisation).
 
@@ -125,7 +141,7 @@ def build_for_shapes(build: Callable[[], nn.Module]) -> nn.Module:
     tensors and `.tolist()`, which meta tensors cannot answer); those are built on the CPU instead.
     """
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), SkipInitialisers():
             return build()
     except (NotImplementedError, RuntimeError):
         return build()
