@@ -6,6 +6,7 @@ log file), and the relays of sparsify.training.distributed between forked gloo r
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import yaml
 from sparsify.errors import DataError, RunLockedError, SparsifyError, TargetReached
 from sparsify.io.rundir import RunDir
 from sparsify.training.distributed import fails_together, main_holds, run_on_main
+from sparsify.training.parent import parent_gone
 
 TESTS = Path(__file__).parent
 CONFIG = {"name": "t", "device": "cpu", "model": {"arch": "tiny_resnet", "num_classes": 4},
@@ -162,3 +164,51 @@ def test_one_process_runs_and_raises_as_it_is(monkeypatch):
         run_on_main(broken, ValueError("bad"))
     with pytest.raises(SparsifyError, match="^x$"), fails_together():
         raise SparsifyError("x")
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes `pid` started, from any of its threads."""
+    return {int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()}
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to read it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the ranks end with their parent on Linux")
+def test_ranks_end_with_a_launcher_killed_with_sigkill_and_the_rerun_finds_the_run_free(tmp_path):
+    config = tmp_path / "t.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "fake_samples": 4000}}))
+    subprocess.run([sys.executable, "-m", "sparsify", "download", "-c", str(config)], cwd=tmp_path, check=True,
+                   capture_output=True)
+    launcher = subprocess.Popen([sys.executable, "-m", "sparsify", "train", "-c", str(config), "--nproc", "2"],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock, deadline = tmp_path / "runs/t/.lock", time.monotonic() + 90
+    try:
+        while not ((ranks := children_of(launcher.pid)) and any(lock.read_text().startswith(f"pid {pid} ") for pid in ranks)):
+            assert launcher.poll() is None and time.monotonic() < deadline, "no rank took the run's lock"
+            time.sleep(0.05)
+    finally:
+        launcher.kill()
+    assert len(ranks) == 2
+    launcher.wait()
+    deadline = time.monotonic() + 20
+    try:
+        while any(alive(pid) for pid in ranks):
+            assert time.monotonic() < deadline, "a rank outlived its launcher"
+            time.sleep(0.05)
+    finally:
+        for pid in filter(alive, ranks):
+            os.kill(pid, signal.SIGKILL)
+    done = subprocess.run([sys.executable, "-m", "sparsify", "eval", "-c", str(config)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # the lock was not left held
+
+
+def test_a_rank_whose_parent_ended_before_it_asked_to_end_with_it_exits():
+    assert parent_gone(1, "") and parent_gone(501, "500")  # re-parented to init, or to a subreaper
+    assert not parent_gone(500, "500") and not parent_gone(500, "")  # torchrun's own ranks: no pid to compare

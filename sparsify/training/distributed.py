@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from sparsify.errors import MaskDivergenceError, SparsifyError
+from sparsify.training.parent import LAUNCHER_PID, end_with_parent
 
 LEAVE_TIMEOUT_S = 30  # at exit after a failure on every rank: how long a rank waits for the others
 _EVERY_RANK = "sparsify_raised_on_every_rank"
@@ -106,6 +107,7 @@ def distributed_session(device_name: str) -> Iterator[tuple[DistInfo, torch.devi
     if not info.active or dist.is_initialized():
         yield (current_info() if info.active else info), pick_device(device_name, info)
         return
+    end_with_parent()
     device = pick_device(device_name, info)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
@@ -371,6 +373,7 @@ def launch(argv: list[str], *, nproc: int, quiet: bool = True) -> None:
     if env_dist_info().active:
         raise SparsifyError("--nproc was given inside a torchrun job; drop --nproc or call sparsify without torchrun")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (usable_cpus() - 1) // nproc)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # each rank ends with this process, even one killed with SIGKILL
     if quiet:
         logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "--module", "sparsify", *argv])
