@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
 #   make demo   - install into .venv, then run the quickstart end to end and print its report
 #                 (about 45 s on 2 CPU cores once installed; machines and figures in the README)
-#   make test   - install into .venv, then run the test suite (about 8 minutes on 2 idle CPU cores
+#   make test   - install into .venv, then run the test suite (about 6 minutes on 2 idle CPU cores
 #                 when last timed; see the README)
 PYTHON ?= python3
 VENV ?= .venv
